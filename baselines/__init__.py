@@ -1,0 +1,1 @@
+"""Reference points registered in the same registry as the methods."""

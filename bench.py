@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""PromptCL-Bench command line.
+
+    python bench.py                      quick demo on CPU: every method + baselines, cost, report
+    python bench.py list                 methods, baselines, benchmarks, presets, backbones
+    python bench.py run -b BENCH -m M1,M2 [--seeds 0 1 2] [--preset paper|quick] [--backbone NAME]
+                        [--out runs] [--set key=value ...] [--device cpu|cuda] [--resume]
+    python bench.py cost -b BENCH -m all [--backbone vit_base_patch16_224] [--out reports]
+    python bench.py report [--runs runs] [--out reports]
+    python bench.py reproduce TABLE [--dry-run]
+    python bench.py sweep ... --launcher local|slurm
+
+Errors in user input print one sentence and exit with status 2, leaving no run directory behind.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad user input: printed as one sentence, exit status 2."""
+
+
+def user_errors() -> tuple:
+    """Exception types whose message is meant for the user (exit status 2, no traceback)."""
+    from benchmarks.config import ConfigError
+    from benchmarks.datasets import DataError
+    from benchmarks.runner import RunError
+    from methods.backbones import BackboneError
+    from methods.checkpoints import CheckpointError
+    from methods.registry import UnknownMethodError
+
+    return (UsageError, ConfigError, DataError, RunError, BackboneError, CheckpointError, UnknownMethodError)
+
+
+def split_names(values: Optional[Sequence[str]]) -> List[str]:
+    out: List[str] = []
+    for v in values or []:
+        out += [s.strip() for s in v.split(",") if s.strip()]
+    return out
+
+
+def expand_methods(names: List[str]) -> List[str]:
+    from methods.registry import get_method_class, list_methods
+
+    if not names:
+        raise UsageError("no method given; pass -m NAME[,NAME...] or -m all")
+    out: List[str] = []
+    for n in names:
+        if n == "all":
+            out += list_methods()
+        elif n in ("methods", "baselines"):
+            out += list_methods(n[:-1])
+        else:
+            get_method_class(n)  # raises with the list of registered names
+            out.append(n)
+    return list(dict.fromkeys(out))
+
+
+def expand_benchmarks(names: List[str]) -> List[str]:
+    from benchmarks.datasets import list_datasets
+
+    if not names:
+        raise UsageError("no benchmark given; pass -b NAME (see 'python bench.py list')")
+    for n in names:
+        if n not in list_datasets():
+            raise UsageError(f"unknown benchmark '{n}'; available benchmarks: {', '.join(list_datasets())}")
+    return names
+
+
+def cli_overrides(args: argparse.Namespace) -> dict:
+    """--set plus the dedicated flags, as one nested override mapping."""
+    from benchmarks.config import deep_merge, parse_set
+
+    over: dict = {}
+    if getattr(args, "backbone", None):
+        over = deep_merge(over, {"backbone": {"name": args.backbone}})
+    if getattr(args, "checkpoint", None):
+        over = deep_merge(over, {"backbone": {"checkpoint": args.checkpoint, "pretrained": "file"}})
+    if getattr(args, "data_root", None):
+        over = deep_merge(over, {"benchmark": {"data_root": args.data_root}})
+    for flag in ("device", "precision"):
+        if getattr(args, flag, None):
+            over[flag] = getattr(args, flag)
+    if getattr(args, "compile", False):
+        over["compile"] = True
+    if getattr(args, "quiet", False):
+        over["quiet"] = True
+    if getattr(args, "no_query_cache", False):
+        over["query_cache"] = False
+    return deep_merge(over, parse_set(getattr(args, "set", None) or []))
+
+
+def resolve_all(args: argparse.Namespace, benches: List[str], methods: List[str], seeds: List[int]):
+    """Resolve and validate every (benchmark, method, seed) config before anything runs."""
+    from benchmarks.config import resolve_config
+
+    over = cli_overrides(args)
+    cfgs = []
+    for b in benches:
+        for m in methods:
+            for s in seeds:
+                cfg = resolve_config(m, b, args.preset, over)
+                cfg.seed = s
+                cfgs.append(cfg)
+    return cfgs
+
+
+# --- commands ------------------------------------------------------------------------------
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from benchmarks.config import available_presets
+    from benchmarks.datasets import _DEFAULT_TASKS, list_datasets
+    from methods.backbones import MICRO_CONFIGS
+    from methods.registry import get_method_class, list_methods
+
+    def doc(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    print("methods:")
+    for n in list_methods("method"):
+        print(f"  {n:<14} {doc(get_method_class(n))}")
+    print("baselines:")
+    for n in list_methods("baseline"):
+        print(f"  {n:<14} {doc(get_method_class(n))}")
+    print("benchmarks:")
+    for n in list_datasets():
+        print(f"  {n:<14} default {_DEFAULT_TASKS[n]} tasks")
+    print("presets:")
+    for p in available_presets():
+        print(f"  {p}")
+    print("backbones:")
+    for n in MICRO_CONFIGS:
+        print(f"  {n:<28} CPU micro ViT (pretrained by the suite on procedural classes)")
+    for n in ("vit_base_patch16_224.augreg2_in21k_ft_in1k", "vit_base_patch16_224.augreg_in21k", "any timm vit_* name[.tag]"):
+        print(f"  {n}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from benchmarks.runner import prepare, run_prepared
+
+    benches = expand_benchmarks(split_names(args.benchmark))
+    methods = expand_methods(split_names(args.method))
+    cfgs = resolve_all(args, benches, methods, args.seeds)
+    results = []
+    for cfg in cfgs:
+        p = prepare(cfg, tag=args.tag)
+        if not cfg.quiet:
+            print(f"== {p.benchmark_label} / {p.method_label} / seed {cfg.seed} ==", flush=True)
+        res = run_prepared(p, args.out, resume=args.resume, overwrite=args.overwrite)
+        results.append(res)
+        m = res["metrics"]
+        print(f"{p.benchmark_label:<14} {p.method_label:<16} seed {cfg.seed}: FAA {m['faa']:.2f}  CAA {m['caa']:.2f}  "
+              f"FFM {m['ffm']:.2f}  -> {Path(args.out) / p.benchmark_label / p.method_label / f'seed{cfg.seed}' / 'result.json'}",
+              flush=True)
+    return 0
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from benchmarks import cost
+
+    if not hasattr(cost, "cli"):
+        raise UsageError("the cost report is not available in this version")
+    return cost.cli(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        from reports import cli as report_cli
+    except ImportError:
+        raise UsageError("the report command is not available in this version") from None
+    return report_cli.main(args)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks import reproduce
+    except ImportError:
+        raise UsageError("the reproduce command is not available in this version") from None
+    return reproduce.cli(args)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks import sweep
+    except ImportError:
+        raise UsageError("the sweep command is not available in this version") from None
+    return sweep.cli(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The quick demo: every method and baseline on the quick synthetic preset, cost, report."""
+    from methods.registry import list_methods
+
+    t0 = time.time()
+    out = Path(args.out)
+    run_args = build_parser().parse_args(
+        ["run", "-b", "synthetic", "-m", "all", "--preset", "quick", "--out", str(out / "runs"), "--seeds", *map(str, args.seeds)]
+        + (["--quiet"] if args.quiet else [])
+    )
+    cmd_run(run_args)
+    try:
+        from reports import cli as report_cli  # noqa: F401
+        from benchmarks import cost
+
+        if hasattr(cost, "cli"):
+            cost_args = build_parser().parse_args(["cost", "-b", "cifar100", "-m", "all", "--backbone", "vit_base_patch16_224",
+                                                   "--out", str(out / "cost")])
+            cost.cli(cost_args)
+        rep_args = build_parser().parse_args(["report", "--runs", str(out / "runs"), "--out", str(out / "report"),
+                                              "--cost", str(out / "cost")])
+        report_cli.main(rep_args)
+    except ImportError:
+        pass
+    print(f"demo finished in {time.time() - t0:.0f}s; {len(list_methods())} methods and baselines under {out}")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-b", "--benchmark", action="append", help="benchmark name(s), comma-separated")
+    p.add_argument("-m", "--method", action="append", help="method name(s), comma-separated, or all / methods / baselines")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--preset", default="quick", help="quick (CPU) or paper")
+    p.add_argument("--backbone", help="timm ViT name[.tag] or a micro backbone")
+    p.add_argument("--checkpoint", help="local backbone checkpoint file (loaded strictly)")
+    p.add_argument("--data-root", help="folder holding the data sets")
+    p.add_argument("--out", default="runs")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=0.01 method.pool_size=20")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--no-query-cache", action="store_true", help="recompute the query pass every time")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="run again even if a result exists")
+    p.add_argument("--tag", help="suffix of the method's run folder (method@tag), for variants")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench.py", description="PromptCL-Bench: prompt-based continual learning, compared fairly.")
+    parser.add_argument("--out", default="demo", help="demo output folder (no subcommand)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="demo seeds (no subcommand)")
+    parser.add_argument("--quiet", action="store_true")
+    sub = parser.add_subparsers(dest="command")
+
+    sub.add_parser("list", help="list methods, baselines, benchmarks, presets, backbones")
+
+    p = sub.add_parser("run", help="train and evaluate methods on a benchmark")
+    add_run_options(p)
+
+    p = sub.add_parser("cost", help="parameters, FLOPs, throughput and memory per method")
+    p.add_argument("-b", "--benchmark", action="append")
+    p.add_argument("-m", "--method", action="append")
+    p.add_argument("--backbone", default=None)
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--tasks", type=int, nargs="+", default=[5, 10, 20], help="task counts for the growth table")
+    p.add_argument("--out", default="reports")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--throughput", action="store_true", help="also measure images/s and memory")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE")
+
+    p = sub.add_parser("report", help="tables and plots from stored results")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--out", default="reports")
+    p.add_argument("--cost", default=None, help="folder of a 'bench.py cost' output to include")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired per-seed difference of two methods")
+
+    p = sub.add_parser("reproduce", help="run the grid behind a paper table, then report it")
+    p.add_argument("table", nargs="?")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--out", default="reports")
+    p.add_argument("--launcher", default="local", choices=["local", "slurm"])
+    p.add_argument("--data-root", default="data")
+
+    p = sub.add_parser("sweep", help="benchmarks × methods × seeds, skipping finished runs")
+    add_run_options(p)
+    p.add_argument("--grid", help="YAML grid file")
+    p.add_argument("--launcher", default="local", choices=["local", "slurm"])
+    p.add_argument("--partition")
+    p.add_argument("--time-limit", type=int, default=240, help="minutes per job (slurm)")
+    p.add_argument("--gpus", type=int, default=None, help="local: parallel processes over visible GPUs")
+    return parser
+
+
+COMMANDS = {
+    None: cmd_demo,
+    "list": cmd_list,
+    "run": cmd_run,
+    "cost": cmd_cost,
+    "report": cmd_report,
+    "reproduce": cmd_reproduce,
+    "sweep": cmd_sweep,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except user_errors() as e:
+        msg = str(e).strip().rstrip(".")
+        print(f"error: {msg}.", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What the methods are measured on (data, scenarios) and how (protocol, metrics, cost, store)."""

@@ -1,0 +1,1 @@
+"""What is compared: the shared prompted ViT, the registry and one file per method."""

@@ -1,0 +1,156 @@
+"""Backbone creation: timm names (with tags), the CPU micro ViT, weights and their identity.
+
+``create_backbone`` returns the frozen :class:`~methods.vit.PromptedViT` and a
+:class:`BackboneInfo` that every result records: the timm architecture and tag, where the weights
+came from, the checkpoint file and its SHA-256, and the parameter count.
+
+Weight sources (``backbone.pretrained``):
+
+* ``timm``: timm's pretrained weights for the (tagged) name, from the hub; fails loudly offline;
+* ``file``: ``backbone.checkpoint``, loaded strictly (``methods/checkpoints.py``);
+* ``synthetic``: the micro ViT pretrained by the suite on procedural classes disjoint from every
+  CL task (``methods/pretrain.py``), cached on disk;
+* ``none``: random initialisation (seeded), for tests;
+* ``auto``: ``synthetic`` for the micro ViT, ``file`` when a checkpoint is given, else ``timm``.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import timm
+import torch
+
+from benchmarks.config import BackboneConfig, ConfigError
+from methods.vit import PromptedViT
+
+# CPU-scale ViTs, built through timm's VisionTransformer (so every code path is timm's).
+# Depth 6 so that every method's prompted layers (SMoPE: 0-5, CODA/HiDe: 0-4) exist.
+MICRO_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "vit_micro_patch8_32": dict(img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=4, mlp_ratio=4.0, qkv_bias=True),
+    "vit_micro_patch4_32": dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=4.0, qkv_bias=True),
+}
+_MICRO_BASE = "vit_tiny_patch16_224"  # only its class is used; every size argument is overridden
+
+
+class BackboneError(RuntimeError):
+    """The backbone cannot be built or its weights cannot be loaded; one sentence for the user."""
+
+
+@dataclass
+class BackboneInfo:
+    """Identity of the backbone weights, stored in every result.json."""
+
+    name: str
+    architecture: str
+    tag: Optional[str]
+    source: str
+    checkpoint: Optional[str]
+    sha256: Optional[str]
+    num_params: int
+    img_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    timm_version: str = timm.__version__
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def split_name(name: str) -> Tuple[str, Optional[str]]:
+    """``vit_base_patch16_224.augreg_in21k`` -> (``vit_base_patch16_224``, ``augreg_in21k``)."""
+    arch, _, tag = name.partition(".")
+    return arch, (tag or None)
+
+
+def is_known_backbone(name: str) -> bool:
+    arch, _ = split_name(name)
+    return arch in MICRO_CONFIGS or (arch in timm.list_models("vit_*") and arch.startswith("vit_"))
+
+
+def build_model(name: str, drop_path: float = 0.0, pretrained: bool = False) -> torch.nn.Module:
+    """The timm VisionTransformer for ``name`` with no classifier head."""
+    arch, tag = split_name(name)
+    if arch in MICRO_CONFIGS:
+        return timm.create_model(_MICRO_BASE, pretrained=False, num_classes=0, drop_path_rate=drop_path, **MICRO_CONFIGS[arch])
+    if not is_known_backbone(name):
+        raise ConfigError(f"unknown backbone '{name}'; use a timm ViT name such as vit_base_patch16_224[.tag] or one of {', '.join(MICRO_CONFIGS)}")
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, drop_path_rate=drop_path)
+    except Exception as e:
+        if pretrained:
+            raise BackboneError(
+                f"could not download pretrained weights for '{name}' ({type(e).__name__}); pass a local file with --checkpoint PATH"
+            ) from None
+        raise
+
+
+def resolve_source(cfg: BackboneConfig) -> str:
+    arch, _ = split_name(cfg.name)
+    if cfg.pretrained not in ("auto", "none", "timm", "file", "synthetic"):
+        raise ConfigError(f"unknown backbone.pretrained '{cfg.pretrained}'; choose auto, none, timm, file or synthetic")
+    if cfg.pretrained != "auto":
+        return cfg.pretrained
+    if cfg.checkpoint:
+        return "file"
+    return "synthetic" if arch in MICRO_CONFIGS else "timm"
+
+
+def create_backbone(cfg: BackboneConfig, init_seed: int = 0) -> Tuple[PromptedViT, BackboneInfo]:
+    """Build the frozen PromptedViT described by ``cfg`` and record where its weights came from."""
+    arch, tag = split_name(cfg.name)
+    source = resolve_source(cfg)
+    checkpoint: Optional[str] = None
+    sha: Optional[str] = None
+    if source == "synthetic" and arch not in MICRO_CONFIGS:
+        raise ConfigError(f"backbone.pretrained=synthetic is only available for {', '.join(MICRO_CONFIGS)}")
+    if source == "file" and not cfg.checkpoint:
+        raise ConfigError("backbone.pretrained=file needs --checkpoint PATH")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)  # same random init for every method in a comparison
+        model = build_model(cfg.name, cfg.drop_path, pretrained=(source == "timm"))
+    if source == "timm":
+        pc = getattr(model, "pretrained_cfg", {}) or {}
+        tag = pc.get("tag", tag)
+        checkpoint = pc.get("hf_hub_id") or pc.get("url") or None
+    elif source == "file":
+        from methods.checkpoints import load_checkpoint_into
+
+        path = Path(cfg.checkpoint)
+        if not path.is_file():
+            raise BackboneError(f"checkpoint file not found: {path}")
+        load_checkpoint_into(model, path, cfg.checkpoint_format)
+        checkpoint, sha = str(path), sha256_file(path)
+    elif source == "synthetic":
+        from methods.checkpoints import load_checkpoint_into
+        from methods.pretrain import pretrained_micro_path
+
+        path = pretrained_micro_path(arch)
+        load_checkpoint_into(model, path, "timm")
+        checkpoint, sha, tag = str(path), sha256_file(path), "synthetic_pretrain"
+    backbone = PromptedViT(model)
+    info = BackboneInfo(
+        name=cfg.name,
+        architecture=arch,
+        tag=tag,
+        source=source,
+        checkpoint=checkpoint,
+        sha256=sha,
+        num_params=sum(p.numel() for p in model.parameters()),
+        img_size=backbone.img_size,
+        embed_dim=backbone.embed_dim,
+        depth=backbone.depth,
+        num_heads=backbone.num_heads,
+    )
+    return backbone, info

@@ -1,0 +1,61 @@
+"""Shared building blocks of the prompt methods: key–query matching, selection, orthogonalisation.
+
+Only what more than one method uses lives here; everything particular to a method stays in its
+own file.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def cosine_similarity_matrix(query: Tensor, keys: Tensor) -> Tensor:
+    """(B, D) × (M, D) -> (B, M) cosine similarities (L2-normalised dot products)."""
+    return F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T
+
+
+def select_topk(scores: Tensor, k: int, batchwise: bool = False) -> Tensor:
+    """Indices (B, k) of the k highest scores per sample.
+
+    ``batchwise=True`` is the l2p-pytorch / dualprompt-pytorch majority vote: every sample gets
+    the k ids picked most often across the batch (ties broken by the smaller id). It makes the
+    prediction of a sample depend on the other samples of its batch, so it exists only as an
+    explicit, labelled option (DESIGN.md §4).
+    """
+    idx = scores.topk(k, dim=1).indices
+    if not batchwise:
+        return idx
+    counts = torch.bincount(idx.flatten(), minlength=scores.shape[1])
+    # stable order: most frequent first, then smaller id (as torch.unique's sorted output does)
+    order = sorted(range(scores.shape[1]), key=lambda i: (-int(counts[i]), i))[:k]
+    return torch.tensor(order, device=scores.device).expand(scores.shape[0], k)
+
+
+def gram_schmidt(new: Tensor, existing: Optional[Tensor] = None) -> Tensor:
+    """Orthonormalise the rows of ``new`` (m, d) against ``existing`` (n, d) rows and each other.
+
+    ``existing`` rows are assumed orthonormal (each earlier task's slice was produced by this
+    function). Two passes of classical Gram–Schmidt ("twice is enough") keep the result
+    orthogonal to float precision.
+    """
+    basis = [] if existing is None or existing.numel() == 0 else list(existing.double())
+    out = []
+    for v in new.double():
+        for _ in range(2):
+            for b in basis + out:
+                v = v - (v @ b) * b
+        n = v.norm()
+        if n < 1e-10:
+            raise ValueError("Gram–Schmidt met a linearly dependent vector; re-draw it")
+        out.append(v / n)
+    return torch.stack(out).to(new.dtype)
+
+
+def uniform_parameter(*shape: int, low: float = 0.0, high: float = 1.0) -> nn.Parameter:
+    """A parameter initialised U[low, high) (CODA / SMoPE ``tensor_prompt`` default is U[0,1))."""
+    p = nn.Parameter(torch.empty(*shape))
+    nn.init.uniform_(p, low, high)
+    return p
