@@ -337,6 +337,7 @@ def train_phase(method: ContinualMethod, run: RunContext, task: Task, phase: Pha
         opt.load_state_dict(opt_state["optimizer"])
         sched.load_state_dict(opt_state["scheduler"])
     cacheable = run.train_deterministic and not method.joint
+    use_query = method.uses_query if phase.needs_query is None else phase.needs_query
     t0 = time.time()
     steps, last = 0, float("nan")
     bar = None
@@ -354,7 +355,7 @@ def train_phase(method: ContinualMethod, run: RunContext, task: Task, phase: Pha
             x = x.to(run.device, non_blocking=True)
             y = y.to(run.device, non_blocking=True)
             query = None
-            if method.uses_query:
+            if use_query:
                 query = run.query(method, x, idx, ("train", task.index), len(dataset), cacheable)
             with run.autocast():
                 out = method(x, query=query, **phase.forward_kwargs)

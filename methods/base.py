@@ -83,6 +83,8 @@ class Phase:
     ``optimizer``, ``schedule`` ...). ``forward_kwargs`` are passed to ``forward`` during the
     phase. ``param_groups`` defaults to ``method.param_groups()``. ``needs_images`` False means
     the phase uses only query features (e.g. HiDe's TII network), so the protocol can reuse them.
+    ``needs_query`` False skips the query pass in a phase that does not use it (None: the
+    method's ``uses_query``).
     """
 
     name: str = "train"
@@ -90,6 +92,7 @@ class Phase:
     forward_kwargs: Dict[str, Any] = field(default_factory=dict)
     param_groups: Optional[List[Dict[str, Any]]] = None
     needs_images: bool = True
+    needs_query: Optional[bool] = None
 
 
 @dataclass
