@@ -158,6 +158,19 @@ class ContinualMethod(nn.Module):
         """JSON-serialisable method-level diagnostics stored in result.json (e.g. usage counts)."""
         return {}
 
+    # -- cost hooks (benchmarks/cost.py) ---------------------------------------------------
+    def used_parameters(self) -> Optional[int]:
+        """Added parameters actually used by the current task's forward, when fewer than the
+        allocated ones (CODA-Prompt allocates every task's components up front; task-specific
+        pools hold prompts of future tasks). None: every allocated parameter is used."""
+        return None
+
+    def state_numbers(self) -> Dict[str, int]:
+        """Stored non-parameter state, in numbers, by kind (e.g. class statistics, usage
+        counters). Default: the method's own buffers."""
+        n = sum(b.numel() for name, b in self.named_buffers() if not name.startswith("backbone."))
+        return {"buffers": n} if n else {}
+
     # -- helpers for subclasses ------------------------------------------------------------
     def get_query(self, x: Tensor, query: Optional[Tensor]) -> Tensor:
         """The frozen query feature: the cached one when given, else a fresh query pass."""
