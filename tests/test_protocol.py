@@ -1,0 +1,148 @@
+"""The shared protocol: masks, lr rules and schedules, determinism, batch-size independence,
+the query cache, frozen weights, non-finite losses."""
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from benchmarks.config import TrainConfig
+from benchmarks.protocol import (
+    NonFiniteLossError,
+    QueryCache,
+    RunContext,
+    evaluate,
+    logit_mask,
+    scaled_lr,
+    schedule_factor,
+    train_phase,
+)
+from benchmarks.runner import prepare, run_prepared
+from benchmarks.scenarios import build_scenario
+from methods.base import Phase, Task
+from conftest import make_tiny_config
+
+
+def test_logit_masks():
+    task = Task(1, 3, 2, 4, [0, 2, 4, 6])
+    cur = logit_mask(task, 6, "current", torch.device("cpu"))
+    seen = logit_mask(task, 6, "seen", torch.device("cpu"))
+    assert cur.tolist() == [False, False, True, True, False, False]
+    assert seen.tolist() == [True, True, True, True, False, False]
+    assert logit_mask(task, 6, "none", torch.device("cpu")) is None
+
+
+def test_task_of_class():
+    task = Task(0, 3, 0, 2, [0, 2, 4, 6])
+    assert task.task_of_class(torch.tensor([0, 1, 2, 3, 4, 5])).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_lr_batch_scaling_rule():
+    # l2p-pytorch: lr 0.03 at batch 16 with the /256 rule -> 0.001875
+    assert scaled_lr(TrainConfig(lr=0.03, batch_size=16, lr_scale_batch=256)) == pytest.approx(0.001875)
+    assert scaled_lr(TrainConfig(lr=0.03, batch_size=16)) == 0.03
+
+
+def test_coda_cosine_schedule_closed_form():
+    t = TrainConfig(schedule="coda_cosine", epochs=20)
+    for e in (0, 5, 19):
+        expect = math.cos(99 * math.pi * e / (200 * 19))
+        assert schedule_factor(t, e * 10, 10, 1e-3) == pytest.approx(expect)
+    # ends at about 1.6% of the base lr (baselines.md §3.3)
+    assert schedule_factor(t, 190, 10, 1e-3) == pytest.approx(0.0157, abs=1e-3)
+
+
+def test_coswm_schedule_freeze_then_cosine_with_assumed_iter_step():
+    base = 0.005
+    t = TrainConfig(schedule="coswm", epochs=20, freeze_iters=80, iter_step=40, min_lr=1e-6)
+    floor = 1e-6 / base
+    assert schedule_factor(t, 0, 39, base) == pytest.approx(floor)
+    assert schedule_factor(t, 79, 39, base) == pytest.approx(floor)
+    assert schedule_factor(t, 80, 39, base) == pytest.approx(1.0)
+    total = 40 * 20 - 80  # cosine length uses iter_step, not the real 39 iterations per epoch
+    mid = 80 + total // 2
+    assert schedule_factor(t, mid, 39, base) == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (total // 2) / total)))
+    # the real run has 39·20 = 780 iterations < 800: the cosine never quite reaches the floor
+    assert schedule_factor(t, 779, 39, base) > floor
+    assert schedule_factor(t, 10_000, 39, base) == pytest.approx(floor)
+
+
+def test_step_and_cosine_schedules():
+    t = TrainConfig(schedule="step", epochs=50, milestones=[30], gamma=0.1)
+    assert schedule_factor(t, 29 * 4, 4, 1.0) == 1.0 and schedule_factor(t, 30 * 4, 4, 1.0) == pytest.approx(0.1)
+    c = TrainConfig(schedule="cosine", epochs=2, min_lr=0.0)
+    assert schedule_factor(c, 0, 5, 1.0) == 1.0 and schedule_factor(c, 5, 5, 1.0) == pytest.approx(0.5)
+
+
+def test_same_seed_gives_identical_results_and_other_seed_differs(tiny_run, tmp_path):
+    r1 = tiny_run("finetune", out=tmp_path / "a")
+    r2 = tiny_run("finetune", out=tmp_path / "b")
+    r3 = tiny_run("finetune", seed=1, out=tmp_path / "c")
+    assert r1["acc_matrix"] == r2["acc_matrix"]
+    assert r1["scenario"]["class_order"] != r3["scenario"]["class_order"]
+
+
+def _trained_context(method_name, overrides=None):
+    cfg = make_tiny_config(method_name, overrides)
+    p = prepare(cfg)
+    run = RunContext(cfg, p.scenario, torch.device("cpu"), None, QueryCache(True))
+    task = p.scenario.tasks[0]
+    p.method.begin_task(task)
+    for i, ph in enumerate(p.method.phases(task)):
+        train_phase(p.method, run, task, ph, i)
+    return p, run, task
+
+
+@pytest.mark.parametrize("method", ["linear_probe", "finetune"])
+def test_evaluation_does_not_depend_on_batch_size(method):
+    p, run, _ = _trained_context(method)
+    task = p.scenario.tasks[1]
+    p.method.begin_task(task)
+    a = evaluate(p.method, run, task, batch_size=1)
+    b = evaluate(p.method, run, task, batch_size=64)
+    c = evaluate(p.method, run, task, batch_size=5)
+    assert a.acc == b.acc == c.acc
+    assert a.correct == b.correct
+
+
+def test_query_cache_gives_identical_results_and_computes_each_image_once():
+    p, run, task = _trained_context("linear_probe")
+    cached = evaluate(p.method, run, task)
+    n = len(p.scenario.test_sets[0])
+    assert run.cache.misses >= n
+    misses = run.cache.misses
+    again = evaluate(p.method, run, task)
+    assert run.cache.misses == misses and run.cache.hits >= n  # second evaluation: all hits
+    run.cache = QueryCache(enabled=False)
+    uncached = evaluate(p.method, run, task)
+    assert cached.acc == again.acc == uncached.acc
+
+
+def test_frozen_backbone_has_no_grad_after_a_training_step():
+    p, run, _ = _trained_context("linear_probe")
+    assert all(w.grad is None for w in p.method.backbone.parameters())
+    assert p.method.head.weight.grad is not None
+
+
+def test_current_task_mask_leaves_other_head_rows_untouched():
+    cfg = make_tiny_config("linear_probe")
+    p = prepare(cfg)
+    before = p.method.head.weight.detach().clone()
+    run = RunContext(cfg, p.scenario, torch.device("cpu"), None, QueryCache(True))
+    task = p.scenario.tasks[1]
+    p.method.begin_task(task)
+    train_phase(p.method, run, task, Phase("train"), 0)
+    changed = (p.method.head.weight.detach() - before).abs().sum(1) > 0
+    assert changed.tolist() == [False, False, True, True, False, False]
+
+
+def test_non_finite_loss_stops_with_a_clear_error():
+    cfg = make_tiny_config("linear_probe", {"train": {"lr": 1e38, "optimizer": "sgd", "momentum": 0.0, "epochs": 3}})
+    p = prepare(cfg)
+    run = RunContext(cfg, p.scenario, torch.device("cpu"), None, QueryCache(True))
+    task = p.scenario.tasks[0]
+    p.method.begin_task(task)
+    with torch.no_grad():
+        p.method.head.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="loss became nan in task 1"):
+        train_phase(p.method, run, task, Phase("train"), 0)
