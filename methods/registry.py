@@ -7,6 +7,7 @@ one file: no import list or if/elif chain to edit.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Type
@@ -71,10 +72,15 @@ def get_method_class(name: str) -> Type["ContinualMethod"]:
     return _REGISTRY[name]
 
 
-def create_method(name: str, backbone: Any, num_classes: int, cfg: Any = None, **kwargs: Any) -> "ContinualMethod":
+def create_method(name: str, backbone: Any, num_classes: int, cfg: Any = None, num_tasks: Optional[int] = None,
+                  **kwargs: Any) -> "ContinualMethod":
     """Instantiate a registered method on ``backbone`` for ``num_classes`` classes.
 
-    ``cfg`` is the method's ``Config`` dataclass (defaults when None).
+    ``cfg`` is the method's ``Config`` dataclass (defaults when None). ``num_tasks`` (the
+    scenario's task count) is passed on only to methods whose constructor takes a ``num_tasks``
+    argument (e.g. CODA-Prompt, which splits its component pool into per-task slices up front).
     """
     cls = get_method_class(name)
+    if num_tasks is not None and "num_tasks" in inspect.signature(cls.__init__).parameters:
+        kwargs["num_tasks"] = num_tasks
     return cls(backbone, num_classes, cfg if cfg is not None else cls.Config(), **kwargs)
