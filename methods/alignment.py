@@ -37,13 +37,20 @@ VAR_EPS = 1e-4
 class ClassStats(nn.Module):
     """Per-class feature Gaussians; part of the owning method's state_dict (extra state)."""
 
-    def __init__(self, mode: str = "multi-centroid", n_centroids: int = 10, seed: int = 0) -> None:
+    def __init__(self, mode: str = "multi-centroid", n_centroids: int = 10, seed: int = 0,
+                 unbiased: bool = True, skip_zero_variance: bool = False) -> None:
         super().__init__()
         if mode not in ("multi-centroid", "covariance"):
             raise ValueError(f"unknown statistics mode '{mode}'; use multi-centroid or covariance")
         self.mode = mode
         self.n_centroids = n_centroids
         self.seed = seed
+        # multi-centroid only. unbiased=False is np.var's population variance (ddof 0), what
+        # HiDe-Prompt's _compute_mean stores; skip_zero_variance drops centroids whose variance is
+        # all zero (singleton clusters) from sampling, as HiDe's alignment loops do
+        # (engines/hide_tii_engine.py, engines/hide_promtp_wtp_and_tap_engine.py).
+        self.unbiased = unbiased
+        self.skip_zero_variance = skip_zero_variance
         self.means: Dict[int, Tensor] = {}  # class -> (K, D) float64
         self.spreads: Dict[int, Tensor] = {}  # class -> (K, D) variances, or (D, D) covariance
 
@@ -65,7 +72,7 @@ class ClassStats(nn.Module):
             km = KMeans(n_clusters=k, random_state=self.seed, n_init=10).fit(x.numpy())
             assign = torch.from_numpy(km.labels_.astype(np.int64))
             centers = torch.stack([x[assign == i].mean(0) for i in range(k)])
-        var = torch.stack([x[assign == i].var(0, unbiased=True) if int((assign == i).sum()) > 1
+        var = torch.stack([x[assign == i].var(0, unbiased=self.unbiased) if int((assign == i).sum()) > 1
                            else torch.zeros(x.shape[1], dtype=x.dtype) for i in range(k)])
         self.means[label], self.spreads[label] = centers, var
 
@@ -93,7 +100,11 @@ class ClassStats(nn.Module):
             chol = torch.linalg.cholesky(self.spreads[label] + VAR_EPS * torch.eye(d, dtype=mu.dtype))
             z = torch.randn(n, d, generator=generator, dtype=mu.dtype)
             return (mu + z @ chol.T).float()
-        std = (self.spreads[label] + VAR_EPS).sqrt()  # (K, D)
+        var = self.spreads[label]
+        if self.skip_zero_variance:
+            keep = var.mean(1) != 0
+            mu, var = mu[keep], var[keep]
+        std = (var + VAR_EPS).sqrt()  # (K, D)
         z = torch.randn(mu.shape[0], n, mu.shape[1], generator=generator, dtype=mu.dtype)
         return (mu[:, None] + z * std[:, None]).reshape(-1, mu.shape[1]).float()
 
@@ -104,10 +115,13 @@ class ClassStats(nn.Module):
     # -- state ---------------------------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:
         return {"mode": self.mode, "n_centroids": self.n_centroids, "seed": self.seed,
+                "unbiased": self.unbiased, "skip_zero_variance": self.skip_zero_variance,
                 "means": dict(self.means), "spreads": dict(self.spreads)}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         self.mode, self.n_centroids, self.seed = state["mode"], state["n_centroids"], state["seed"]
+        self.unbiased = state.get("unbiased", True)
+        self.skip_zero_variance = state.get("skip_zero_variance", False)
         self.means, self.spreads = dict(state["means"]), dict(state["spreads"])
 
 
@@ -133,7 +147,8 @@ def lr_at(cfg: AlignConfig, it: int, epoch: int, total_iters: int) -> float:
     ``cosine``: torch's CosineAnnealingLR stepped per epoch (T_max = epochs, eta_min 0).
     ``smope``: the first iteration at ``lr``, then a per-iteration cosine from lr/10 to
     ``min_lr`` (SMoPE's CA stage: a ``CosineSchedulerIter`` from ca_lr/10 takes over after the
-    first iteration, smope.md §4.4).
+    first iteration, smope.md §4.4); it steps after each update, so iteration i ≥ 1 uses the
+    cosine's entry i − 1 (cos(π·(i−1)/total)).
     """
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
@@ -141,7 +156,7 @@ def lr_at(cfg: AlignConfig, it: int, epoch: int, total_iters: int) -> float:
         if it == 0:
             return cfg.lr
         start = cfg.lr / 10
-        p = min(1.0, it / max(1, total_iters))
+        p = min(1.0, (it - 1) / max(1, total_iters))
         return cfg.min_lr + (start - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * p))
     if cfg.schedule == "constant":
         return cfg.lr
@@ -187,7 +202,7 @@ def align_classifier(
         X, Y = torch.cat(xs), torch.cat(ys)
         perm = torch.randperm(len(X), generator=generator)
         X, Y = X[perm], Y[perm]
-        for i in range(iters):
+        for i in range(min(iters, math.ceil(len(X) / bs))):  # fewer draws when centroids are skipped
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, it, epoch, total)
             xb = X[i * bs : (i + 1) * bs].to(device)

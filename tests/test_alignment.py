@@ -102,5 +102,7 @@ def test_alignment_schedules():
     assert lr_at(c, 50, 15, 100) == pytest.approx(0.0025)
     sm = AlignConfig(epochs=50, lr=1e-4, schedule="smope", min_lr=1e-6)
     assert lr_at(sm, 0, 0, 1000) == pytest.approx(1e-4)
-    assert lr_at(sm, 1, 0, 1000) == pytest.approx(1e-6 + (1e-5 - 1e-6) * 0.5 * (1 + math.cos(math.pi / 1000)))
-    assert lr_at(sm, 1000, 49, 1000) == pytest.approx(1e-6)
+    # stepped after each update: iteration 1 uses the cosine's first entry, cos(0) -> lr/10
+    assert lr_at(sm, 1, 0, 1000) == pytest.approx(1e-5)
+    assert lr_at(sm, 2, 0, 1000) == pytest.approx(1e-6 + (1e-5 - 1e-6) * 0.5 * (1 + math.cos(math.pi / 1000)))
+    assert lr_at(sm, 1001, 49, 1000) == pytest.approx(1e-6)
