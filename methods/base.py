@@ -165,6 +165,12 @@ class ContinualMethod(nn.Module):
         pools hold prompts of future tasks). None: every allocated parameter is used."""
         return None
 
+    def trainable_parameters(self) -> Optional[int]:
+        """Parameters the current task actually updates, when fewer than the ones its phases hand
+        to the optimiser with ``requires_grad`` (a method that freezes by ``detach()`` inside
+        forward). None: count those parameters (benchmarks/cost.py)."""
+        return None
+
     def state_numbers(self) -> Dict[str, int]:
         """Stored non-parameter state, in numbers, by kind (e.g. class statistics, usage
         counters). Default: the method's own buffers."""
