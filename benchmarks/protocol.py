@@ -14,7 +14,15 @@ Decisions that every method shares live here, once:
   an evaluation image never changes. It is computed once per image and reused in all T
   evaluations (and for training images when the train transform is deterministic);
 * seeding: every epoch reseeds from (seed, task, phase, epoch), so a run resumed from a
-  checkpoint at an epoch boundary continues exactly as the uninterrupted run;
+  checkpoint at an epoch boundary continues exactly as the uninterrupted run; a run resumed in
+  the middle of an epoch re-draws the batches already trained on (same sampler, same worker
+  streams) and then restores the RNG states saved with the checkpoint (``start_batch``,
+  ``rng_state``);
+* stop requests (SIGINT / SIGTERM, ``RunContext.should_stop``) are honoured after the current
+  optimiser step, through ``RunContext.on_stop`` (the runner saves a checkpoint there);
+* data parallelism (``RunContext.dist``, see ``benchmarks/distributed.py``): each rank trains on
+  its slice of the same global batches with gradients summed over ranks, and evaluates a shard
+  of each test set;
 * bf16 autocast on CUDA (``precision``), fp32 on CPU.
 """
 from __future__ import annotations
@@ -29,9 +37,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from benchmarks.config import ConfigError, TrainConfig, apply_mapping
+from benchmarks.distributed import SINGLE, DistContext, agree, all_reduce_grads, gather_objects, shard_bounds
 from benchmarks.scenarios import Scenario, TaskDataset
 from methods.base import ContinualMethod, MethodOutput, Phase, Task
 
@@ -51,6 +60,28 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    """The python, numpy, torch (and CUDA) RNG states, for a checkpoint."""
+    import random
+
+    st: Dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state` (CUDA states only where the device count matches)."""
+    import random
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    cuda = st.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -127,7 +158,9 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
     * ``coswm``: SMoPE's ``CosineSchedulerIter``: ``min_lr`` for ``freeze_iters`` iterations,
       then a cosine to ``min_lr`` over ``iter_step·epochs − freeze_iters`` iterations, where
       ``iter_step`` is the config's assumed iterations per epoch (the real count if unset); past
-      its end the lr stays at ``min_lr``;
+      its end the lr stays at ``min_lr``. The reference scheduler sets the base lr when it is built
+      and steps after each update, so update 0 runs at the base lr and update i ≥ 1 at the
+      schedule's entry i − 1 (SMoPE ``utils/schedulers.py`` ``_LRSchedulerIter.__init__``);
     * ``step``: × ``gamma`` at each epoch in ``milestones``.
     """
     epoch = it // max(1, steps_per_epoch)
@@ -148,6 +181,9 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
         p = min(1.0, (it - warm) / max(1, total - warm))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
     if s == "coswm":
+        if it == 0:
+            return 1.0
+        it -= 1
         per = tcfg.iter_step or steps_per_epoch
         total = per * tcfg.epochs
         if it < tcfg.freeze_iters:
@@ -171,9 +207,19 @@ def build_scheduler(opt: torch.optim.Optimizer, tcfg: TrainConfig, steps_per_epo
 # --- data loading and the query cache ------------------------------------------------------
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, tcfg: TrainConfig,
-                drop_last: bool = False, device: Optional[torch.device] = None) -> DataLoader:
+                drop_last: bool = False, device: Optional[torch.device] = None,
+                shard: Optional[Tuple[int, int]] = None) -> DataLoader:
+    """A seeded loader; ``shard=(rank, world)`` yields rank's slice of the same global batches."""
     g = torch.Generator().manual_seed(seed)
     workers = tcfg.num_workers
+    if shard is not None and shard[1] > 1:
+        from benchmarks.distributed import ShardedBatchSampler, global_batch_sampler
+
+        # generator=g as well: the loader draws its worker base seed from it before the sampler
+        # draws the permutation, exactly as the unsharded loader below does.
+        batches = global_batch_sampler(len(dataset), batch_size, shuffle, g, drop_last and len(dataset) >= batch_size)
+        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(batches, *shard), generator=g, num_workers=workers,
+                          pin_memory=device is not None and device.type == "cuda", persistent_workers=False)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -229,6 +275,10 @@ class RunContext:
     progress: bool = False
     train_deterministic: bool = False  # the train transform has no randomness
     on_epoch_end: Optional[Callable[..., None]] = None  # checkpoint hook (store / resume)
+    # Stop requests (signals): polled after every optimiser step; on_stop saves and raises.
+    should_stop: Optional[Callable[[], bool]] = None
+    on_stop: Optional[Callable[..., None]] = None
+    dist: DistContext = SINGLE  # data-parallel rank / world size (benchmarks/distributed.py)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -313,10 +363,20 @@ def phase_config(base: TrainConfig, phase: Phase) -> TrainConfig:
 
 
 def train_phase(method: ContinualMethod, run: RunContext, task: Task, phase: Phase, phase_idx: int,
-                start_epoch: int = 0, opt_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Train one phase; returns {'epochs', 'steps', 'seconds', 'last_loss'}."""
+                start_epoch: int = 0, opt_state: Optional[Dict[str, Any]] = None, start_batch: int = 0,
+                rng_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Train one phase; returns {'epochs', 'steps', 'seconds', 'last_loss'}.
+
+    Resuming: ``start_epoch`` / ``start_batch`` is the position to continue from, ``opt_state``
+    holds the ``optimizer`` and ``scheduler`` state dicts saved there and ``rng_state`` the RNG
+    states (:func:`rng_state`) saved after the last step done (needed when ``start_batch`` > 0).
+    """
     cfg = run.cfg
     tcfg = phase_config(cfg.train, phase)
+    dctx = run.dist
+    if dctx.enabled and tcfg.batch_size % dctx.world_size:
+        raise ConfigError(f"train.batch_size={tcfg.batch_size} cannot be split evenly over {dctx.world_size} processes; "
+                          f"the global batch stays the preset's, so choose a process count that divides it")
     sc = run.scenario
     if method.joint:
         dataset: Dataset = ConcatDataset(sc.train_sets[: task.index + 1])
@@ -347,34 +407,66 @@ def train_phase(method: ContinualMethod, run: RunContext, task: Task, phase: Pha
         bar = tqdm(total=(tcfg.epochs - start_epoch) * steps_per_epoch, leave=False, dynamic_ncols=True,
                    desc=f"{method.name} task {task.index + 1}/{task.num_tasks} {phase.name}")
     method.train()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    shard = (dctx.rank, dctx.world_size) if dctx.enabled else None
     for epoch in range(start_epoch, tcfg.epochs):
         seed = derive_seed(cfg.seed, task.index, phase_idx, epoch)
         seed_everything(seed)
-        loader = make_loader(dataset, bs, True, seed, tcfg, drop_last=drop, device=run.device)
-        for x, y, idx in loader:
-            x = x.to(run.device, non_blocking=True)
-            y = y.to(run.device, non_blocking=True)
-            query = None
-            if use_query:
-                query = run.query(method, x, idx, ("train", task.index), len(dataset), cacheable)
-            with run.autocast():
-                out = method(x, query=query, **phase.forward_kwargs)
-            loss = method.training_loss(out, y, mask)
-            if not torch.isfinite(loss):
+        loader = make_loader(dataset, bs, True, seed, tcfg, drop_last=drop, device=run.device, shard=shard)
+        batches = iter(loader)
+        first = start_batch if epoch == start_epoch else 0
+        if first:
+            # Mid-epoch resume: draw (and discard) the batches already trained on, so the sampler
+            # and the loader workers' RNG streams are where they were, then restore the RNG states.
+            for _ in range(first):
+                next(batches)
+            if rng_state is not None:
+                set_rng_state(rng_state)
+        for b, (x, y, idx) in enumerate(batches, start=first):
+            n_local = n_global = len(y)
+            if dctx.enabled:
+                n_global = bs if drop else min(bs, len(dataset) - b * bs)
+                lo, hi = shard_bounds(n_global, dctx.world_size, dctx.rank)
+                n_local = hi - lo  # 0: a placeholder sample, no forward / backward on this rank
+            loss = None
+            if n_local:
+                x = x.to(run.device, non_blocking=True)
+                y = y.to(run.device, non_blocking=True)
+                query = None
+                if use_query:
+                    query = run.query(method, x, idx, ("train", task.index), len(dataset), cacheable)
+                with run.autocast():
+                    out = method(x, query=query, **phase.forward_kwargs)
+                loss = method.training_loss(out, y, mask)
+                if dctx.enabled:
+                    loss = loss * (n_local / n_global)  # summed over ranks: the global batch mean
+            stop = bool(run.should_stop()) if run.should_stop is not None else False
+            if dctx.enabled:  # one all-reduce: the global loss (for the check) and any stop request
+                total, stops = agree(dctx, [float(loss.detach()) if loss is not None else 0.0, float(stop)], run.device)
+                value, stop = total, stops > 0
+            else:
+                value = float(loss.detach())
+            if not math.isfinite(value):
                 raise NonFiniteLossError(
-                    f"{method.name}: the loss became {loss.item()} in task {task.index + 1}, phase '{phase.name}', epoch {epoch + 1}"
+                    f"{method.name}: the loss became {value} in task {task.index + 1}, phase '{phase.name}', epoch {epoch + 1}"
                 )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss is not None:
+                loss.backward()
+            if dctx.enabled:
+                all_reduce_grads(dctx, params, contributes=loss is not None)
             if tcfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tcfg.clip_grad)
+                torch.nn.utils.clip_grad_norm_(params, tcfg.clip_grad)
             opt.step()
             sched.step()
             steps += 1
-            last = float(loss.detach())
+            last = value
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch + 1}/{tcfg.epochs}", loss=f"{last:.3f}")
+            if stop and run.on_stop is not None:
+                run.on_stop(task=task, phase_idx=phase_idx, epoch=epoch, batch=b + 1, steps_per_epoch=steps_per_epoch,
+                            epochs=tcfg.epochs, optimizer=opt, scheduler=sched)
         if run.on_epoch_end is not None:
             run.on_epoch_end(task=task, phase_idx=phase_idx, epoch=epoch, epochs=tcfg.epochs,
                              optimizer=opt, scheduler=sched)
@@ -404,9 +496,14 @@ def evaluate(method: ContinualMethod, run: RunContext, task: Task, batch_size: O
     method.eval()
     mask = logit_mask(task, method.num_classes, "seen" if cfg.train.eval_mask == "seen" else "none", run.device)
     res = EvalResult([], [], [], [])
+    dctx = run.dist
     for j in range(task.index + 1):
         ds = sc.test_sets[j]
-        loader = make_loader(ds, batch_size or cfg.train.eval_batch_size, False, 0, cfg.train, device=run.device)
+        part: Dataset = ds
+        if dctx.enabled:  # each rank scores a contiguous block; items keep their index in ds (cache key)
+            lo, hi = shard_bounds(len(ds), dctx.world_size, dctx.rank)
+            part = Subset(ds, range(lo, hi))
+        loader = make_loader(part, batch_size or cfg.train.eval_batch_size, False, 0, cfg.train, device=run.device)
         correct = total = task_correct = 0
         has_task = False
         hist: Optional[Tensor] = None
@@ -436,6 +533,12 @@ def evaluate(method: ContinualMethod, run: RunContext, task: Task, batch_size: O
                 else:
                     h = h[0]
                 hist = h if hist is None else hist + h
+        if dctx.enabled:
+            parts = gather_objects(dctx, (correct, total, task_correct, has_task, hist))
+            correct, total, task_correct = (sum(p[k] for p in parts) for k in range(3))
+            has_task = any(p[3] for p in parts)
+            hists = [p[4] for p in parts if p[4] is not None]
+            hist = sum(hists[1:], hists[0]) if hists else None
         res.acc.append(100.0 * correct / total)
         res.correct.append(correct)
         res.total.append(total)

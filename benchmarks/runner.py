@@ -1,15 +1,20 @@
 """One run end to end: resolved config -> backbone, scenario, method -> tasks -> result.json.
 
-Everything that can fail because of user input (config, backbone, checkpoint, data) is checked
-*before* the run directory is created, so bad input leaves nothing behind.
+Everything that can fail because of user input (config, backbone, checkpoint, data, the state of
+the run directory) is checked *before* the run directory is written, so bad input leaves nothing
+behind. Checkpoints, resume, stop signals and the status file are described in
+``run_prepared`` and docs/reliability.md; data-parallel runs in benchmarks/distributed.py.
 """
 from __future__ import annotations
 
+import copy
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +22,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from benchmarks import distributed as dist_util
 from benchmarks import metrics as M
 from benchmarks.config import ConfigError, RunConfig
 from benchmarks.protocol import (
     EvalResult,
+    NonFiniteLossError,
     QueryCache,
     RunContext,
     TaskContext,
@@ -29,12 +36,13 @@ from benchmarks.protocol import (
     resolve_precision,
     seed_everything,
     derive_seed,
+    rng_state,
     train_phase,
 )
 from benchmarks.scenarios import Scenario, build_scenario
 from benchmarks.store import RunStore, config_hash, now, run_dir
 from methods.backbones import BackboneInfo, create_backbone
-from methods.base import ContinualMethod
+from methods.base import ContinualMethod, Task
 from methods.registry import create_method
 
 SCHEMA_VERSION = 1
@@ -117,7 +125,8 @@ def prepare(cfg: RunConfig, tag: Optional[str] = None) -> Prepared:
     if scenario.image_size != backbone.img_size:
         raise ConfigError(f"benchmark.image_size={scenario.image_size} differs from the backbone input size {backbone.img_size}")
     seed_everything(derive_seed(cfg.seed, "method"))
-    method = create_method(cfg.method_name, backbone, scenario.num_classes, cfg.method).to(device)
+    method = create_method(cfg.method_name, backbone, scenario.num_classes, cfg.method,
+                           num_tasks=scenario.num_tasks).to(device)
     from benchmarks.datasets import _DEFAULT_TASKS
 
     label = benchmark_label(cfg, _DEFAULT_TASKS.get(cfg.benchmark.name, cfg.benchmark.num_tasks))
@@ -129,35 +138,192 @@ def _hist_to_list(h: Dict[int, torch.Tensor]) -> Dict[str, Any]:
     return {str(j): v.tolist() for j, v in h.items()}
 
 
+# --- stop signals --------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
+class RunInterrupted(Exception):
+    """A stop signal ended the run after its state was saved; exit status 128 + the signal."""
+
+    def __init__(self, signum: int, run_path: Path, where: str) -> None:
+        self.signum = int(signum)
+        self.run_path = run_path
+        super().__init__(f"{signal.Signals(signum).name} received: saved a checkpoint {where} in {run_path}; "
+                         f"continue with --resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopSignals:
+    """While active, SIGINT / SIGTERM / SIGUSR2 request a stop at the next safe point.
+
+    The first signal only sets a flag: the run finishes its current optimiser step (or the task's
+    end_task and evaluation), saves a checkpoint and raises :class:`RunInterrupted`. A second
+    signal stops at once (``KeyboardInterrupt``; the last checkpoint is kept). SIGUSR2 is the
+    pre-emption warning of SLURM's ``--signal`` and of submitit: a Python handler installed
+    before ours for the received signal (submitit's checkpoint-and-requeue) is called once our
+    checkpoint is on disk. Handlers are installed from the main thread only.
+    """
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self.second: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        global ACTIVE_STOP
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        ACTIVE_STOP = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        global ACTIVE_STOP
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        ACTIVE_STOP = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            self.second = signum
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def chain(self) -> None:
+        """Call the handler that was installed before ours for the received signal, if any."""
+        prev = self._previous.get(self.signum) if self.signum is not None else None
+        if callable(prev) and prev is not signal.default_int_handler:
+            prev(self.signum, None)
+
+
+ACTIVE_STOP: Optional[StopSignals] = None  # the stop handler of the run in progress (tests peek at it)
+
+
+# --- planning: what a run would do, decided before anything is written ----------------------
+
+@dataclass
+class RunPlan:
+    """``action``: ``skip`` (done with the same config), ``resume`` (``checkpoint`` set) or ``start``."""
+
+    store: RunStore
+    chash: str
+    action: str
+    checkpoint: Optional[Dict[str, Any]] = None
+
+
+def run_path(cfg: RunConfig, out: str | Path, tag: Optional[str] = None) -> Path:
+    """``<out>/<benchmark>/<method[@tag]>/seed<k>`` of a config, without building anything."""
+    from benchmarks.datasets import _DEFAULT_TASKS
+
+    label = benchmark_label(cfg, _DEFAULT_TASKS.get(cfg.benchmark.name, cfg.benchmark.num_tasks))
+    return run_dir(out, label, cfg.method_name if not tag else f"{cfg.method_name}@{tag}", cfg.seed)
+
+
+def plan_run(cfg: RunConfig, path: str | Path, resume: bool = False, overwrite: bool = False,
+             writable: bool = True) -> RunPlan:
+    """Inspect the run directory (no write) and decide; a state that needs the user is a RunError.
+
+    * done with the same config: skip (also with ``resume``); with another config: refused unless
+      ``overwrite``;
+    * ``resume``: continue from the checkpoint when there is one; an unreadable checkpoint or one
+      made by another method or config is refused;
+    * without ``resume``, the checkpoint of an unfinished run is not silently replaced: refused
+      unless ``overwrite``.
+    """
+    store = RunStore(Path(path), writable)
+    chash = config_hash(cfg.to_dict())
+    done = store.is_done()
+    if done and not overwrite:
+        if store.read_result().get("config_hash") == chash:
+            return RunPlan(store, chash, "skip")
+        if not resume:
+            raise RunError(f"{store.result_path} holds a result with a different config; use --overwrite or another --out")
+        raise RunError(f"the result and checkpoint in {store.path} were made by a different method or config; "
+                       f"use --overwrite or another --out")
+    if not resume:
+        if store.checkpoint_path.exists() and not done and not overwrite:
+            raise RunError(f"{store.path} holds the checkpoint of an unfinished run; pass --resume to continue it "
+                           f"or --overwrite to start again")
+        return RunPlan(store, chash, "start")
+    try:
+        ckpt = store.load_checkpoint()
+    except ValueError as e:
+        raise RunError(f"{e}; remove it or drop --resume") from None
+    if ckpt is None:
+        return RunPlan(store, chash, "start")
+    if ckpt.get("method") != cfg.method_name or ckpt.get("config_hash") != chash:
+        raise RunError(f"the checkpoint in {store.path} was made by a different method or config; remove it or drop --resume")
+    return RunPlan(store, chash, "resume", ckpt)
+
+
+def validate_configs(cfgs: List[RunConfig], tag: Optional[str] = None) -> None:
+    """Build (on CPU, then discard) every distinct config but the seed, so bad input fails first.
+
+    Catches what only construction reveals: method constructors' checks, missing data or
+    checkpoint files, a class count the task count does not divide.
+    """
+    seen = set()
+    for cfg in cfgs:
+        d = cfg.to_dict()
+        key = config_hash({**d, "seed": 0, "method_name": d["method_name"]})
+        if key in seen:
+            continue
+        seen.add(key)
+        probe = copy.deepcopy(cfg)
+        probe.device = "cpu"
+        prepare(probe, tag=tag)
+
+
+def describe_position(ckpt: Dict[str, Any], num_tasks: int) -> str:
+    pos = ckpt.get("position")
+    if pos is None:
+        return f"after task {ckpt['task'] + 1}/{num_tasks}"
+    return f"in task {pos['task'] + 1}/{num_tasks} (phase {pos['phase'] + 1}, epoch {pos['epoch'] + 1}, {pos['batch']} batches done)"
+
+
+def _rank_rng(ckpt: Dict[str, Any], dctx: dist_util.DistContext) -> Optional[Dict[str, Any]]:
+    rngs = ckpt.get("rng") or []
+    if not rngs:
+        return None
+    return rngs[dctx.rank] if len(rngs) == dctx.world_size else rngs[0]
+
+
 def run_prepared(p: Prepared, out: str | Path, resume: bool = False, overwrite: bool = False,
                  log_to_stdout: bool = True) -> Dict[str, Any]:
-    """Train and evaluate every task, writing the run directory. Returns the result dict."""
-    cfg, method, sc = p.cfg, p.method, p.scenario
-    store = RunStore(run_dir(out, p.benchmark_label, p.method_label, cfg.seed))
-    cfg_dict = cfg.to_dict()
-    chash = config_hash(cfg_dict)
-    if store.is_done() and not overwrite and not resume:
-        res = store.read_result()
-        if res.get("config_hash") == chash:
-            if log_to_stdout and not cfg.quiet:
-                print(f"{store.path}: already done (use --overwrite to run again)")
-            return res
-        raise RunError(f"{store.result_path} holds a result with a different config; use --overwrite or another --out")
-    ckpt = store.load_checkpoint() if resume else None
-    if ckpt is not None and (ckpt.get("config_hash") != chash or ckpt.get("method") != cfg.method_name):
-        raise RunError(f"the checkpoint in {store.path} was made by a different method or config; remove it or drop --resume")
-    store.create()
-    store.write_config(cfg_dict)
-    store.set_status("running", started=now())
+    """Train and evaluate every task, writing the run directory. Returns the result dict.
 
-    def log(msg: str) -> None:
-        store.log(msg)
-        if log_to_stdout and not cfg.quiet:
-            print(msg, flush=True)
+    Checkpoints (``checkpoint.pt``, atomic) hold everything needed to continue exactly: the
+    method's ``checkpoint_state()``, the accuracy matrix and diagnostics so far, the RNG states of
+    every rank and, mid-task, the position (task, phase, epoch, batch) with the optimiser and
+    scheduler states. One is written after each task, after every
+    ``train.checkpoint_every_epochs`` epochs, and when a stop signal arrives.
 
-    run = RunContext(cfg, sc, p.device, p.amp, QueryCache(cfg.query_cache), log=log,
-                     progress=not cfg.quiet and sys.stderr.isatty(),
-                     train_deterministic=cfg.benchmark.train_transform == "none")
+    Resuming replays ``method.begin_task`` for tasks 0..t (t: the task of the checkpoint,
+    finished or not) on the freshly built method, then loads the saved state. The contract for
+    method authors: ``begin_task`` may set anything that is not learned (trainable flags, the
+    current task, allocated slices), and everything learned or accumulated (parameters, buffers,
+    counters, class statistics) lives in the state_dict (parameters, buffers or
+    ``get_extra_state``), so loading it after the replay restores the method exactly.
+    """
+    dctx = dist_util.current()
+    path = run_dir(out, p.benchmark_label, p.method_label, p.cfg.seed)
+    plan = plan_run(p.cfg, path, resume, overwrite, writable=dctx.is_main)
+    cfg, method, sc, store, chash = p.cfg, p.method, p.scenario, plan.store, plan.chash
+    verbose = log_to_stdout and not cfg.quiet and dctx.is_main
+    if plan.action == "skip":
+        if verbose:
+            print(f"{store.path}: already done (use --overwrite to run again)")
+        return store.read_result()
+    if dctx.enabled and cfg.train.batch_size % dctx.world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} cannot be split evenly over {dctx.world_size} "
+                          f"processes; the global batch stays the preset's, so choose a process count that divides it")
     T = sc.num_tasks
     acc: List[List[Optional[float]]] = [[None] * T for _ in range(T)]
     tii: List[List[Optional[float]]] = [[None] * T for _ in range(T)]
@@ -165,51 +331,142 @@ def run_prepared(p: Prepared, out: str | Path, resume: bool = False, overwrite: 
     selection: Dict[str, Any] = {"final": {}, "diagonal": {}}
     timing: Dict[str, List[float]] = {"train_seconds": [], "end_task_seconds": [], "eval_seconds": []}
     start_task = 0
-    if ckpt is not None:
-        for t in range(ckpt["task"] + 1):
+    ckpt = plan.checkpoint
+    pos: Optional[Dict[str, Any]] = None
+    if ckpt is not None:  # still nothing written: a checkpoint that does not fit is a RunError
+        pos = ckpt.get("position")
+        for t in range((pos["task"] if pos else ckpt["task"]) + 1):
+            seed_everything(derive_seed(cfg.seed, t, "begin"))
             method.begin_task(sc.tasks[t])
-        method.load_checkpoint_state(ckpt["state"])
+        try:
+            method.load_checkpoint_state(ckpt["state"])
+        except RuntimeError as e:
+            raise RunError(f"the checkpoint in {store.path} does not fit the method ({e}); remove it or drop --resume") from None
         acc, tii, seen_acc = ckpt["acc"], ckpt["tii"], ckpt["seen_acc"]
         selection, timing = ckpt["selection"], ckpt["timing"]
         start_task = ckpt["task"] + 1
-        log(f"resumed from {store.checkpoint_path} after task {start_task}")
-    try:
-        for t in range(start_task, T):
-            task = sc.tasks[t]
-            seed_everything(derive_seed(cfg.seed, t, "begin"))
-            method.begin_task(task)
-            t0 = time.time()
-            for i, phase in enumerate(method.phases(task)):
-                stats = train_phase(method, run, task, phase, i)
-                log(f"task {t + 1}/{T} phase {phase.name}: {stats['epochs']} epochs, {stats['steps']} steps, "
-                    f"loss {stats['last_loss']}, {stats['seconds']:.1f}s")
-            timing["train_seconds"].append(time.time() - t0)
-            t0 = time.time()
-            seed_everything(derive_seed(cfg.seed, t, "end"))
-            method.end_task(task, TaskContext(run, task))
-            timing["end_task_seconds"].append(time.time() - t0)
-            t0 = time.time()
-            ev: EvalResult = evaluate(method, run, task)
-            timing["eval_seconds"].append(time.time() - t0)
-            for j, a in enumerate(ev.acc):
-                acc[t][j] = a
-                tii[t][j] = ev.task_acc[j]
-            seen_acc.append(100.0 * sum(ev.correct) / sum(ev.total))
-            if ev.selection:
-                selection["diagonal"][str(t)] = ev.selection[t].tolist()
-                if t == T - 1:
-                    selection["final"] = _hist_to_list(ev.selection)
-            log(f"task {t + 1}/{T} eval: " + " ".join(f"{a:.2f}" for a in ev.acc) + f" | avg {sum(ev.acc) / len(ev.acc):.2f}")
-            store.save_checkpoint({"task": t, "method": cfg.method_name, "config_hash": chash,
-                                   "state": method.checkpoint_state(), "acc": acc, "tii": tii, "seen_acc": seen_acc,
-                                   "selection": selection, "timing": timing})
-        result = build_result(p, acc, tii, seen_acc, selection, timing, chash, run)
-        store.write_result(result)
-        store.set_status("done", finished=now())
-        return result
-    except BaseException as e:
-        store.set_status("failed", error=f"{type(e).__name__}: {e}", finished=now())
-        raise
+    dist_util.broadcast_state(dctx, method.checkpoint_state())
+    store.create()
+    store.write_config(cfg.to_dict())
+    meta = dict(started=now(), host=socket.gethostname(), pid=os.getpid(), world_size=dctx.world_size,
+                cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    store.set_status("running", **meta)
+
+    def log(msg: str) -> None:
+        store.log(msg)
+        if verbose:
+            print(msg, flush=True)
+
+    run = RunContext(cfg, sc, p.device, p.amp, QueryCache(cfg.query_cache), log=log,
+                     progress=verbose and sys.stderr.isatty(),
+                     train_deterministic=cfg.benchmark.train_transform == "none", dist=dctx)
+    if ckpt is not None:
+        log(f"resumed from {store.checkpoint_path} {describe_position(ckpt, T)}")
+    task_t0 = [time.time()]
+    interrupted = False
+
+    def checkpoint(last_done: int, position: Optional[Dict[str, Any]]) -> None:
+        rngs = dist_util.gather_objects(dctx, rng_state())
+        state = method.checkpoint_state()
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise NonFiniteLossError(f"{method.name}: '{k}' became NaN or infinite")
+        store.save_checkpoint({
+            "format": 2, "task": last_done, "position": position, "method": cfg.method_name, "config_hash": chash,
+            "state": state, "acc": acc, "tii": tii, "seen_acc": seen_acc, "selection": selection, "timing": timing,
+            "rng": rngs, "world_size": dctx.world_size,
+        })
+
+    def position(task: Task, phase_idx: int, epoch: int, batch: int, optimizer, scheduler) -> Dict[str, Any]:
+        return {"task": task.index, "phase": phase_idx, "epoch": epoch, "batch": batch,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "train_seconds": time.time() - task_t0[0]}
+
+    def interrupt(where: str) -> None:
+        nonlocal interrupted
+        interrupted = True
+        signum = stop.signum or signal.SIGTERM  # ranks that did not receive the signal itself
+        store.set_status("interrupted", signal=signal.Signals(signum).name, checkpoint=where, finished=now(), **meta)
+        log(f"interrupted by {signal.Signals(signum).name}: checkpoint saved {where}")
+        stop.chain()  # e.g. submitit requeues the job and exits here
+        raise RunInterrupted(signum, store.path, where)
+
+    def on_epoch_end(task: Task, phase_idx: int, epoch: int, epochs: int, optimizer, scheduler) -> None:
+        k = cfg.train.checkpoint_every_epochs
+        if k > 0 and (epoch + 1) % k == 0:
+            checkpoint(task.index - 1, position(task, phase_idx, epoch + 1, 0, optimizer, scheduler))
+
+    def on_stop(task: Task, phase_idx: int, epoch: int, batch: int, steps_per_epoch: int, epochs: int,
+                optimizer, scheduler) -> None:
+        if batch >= steps_per_epoch:
+            epoch, batch = epoch + 1, 0
+        checkpoint(task.index - 1, position(task, phase_idx, epoch, batch, optimizer, scheduler))
+        interrupt(f"in task {task.index + 1}/{T} (phase {phase_idx + 1}, epoch {epoch + 1}, {batch} batches done)")
+
+    with StopSignals() as stop:
+        run.should_stop, run.on_stop, run.on_epoch_end = stop.requested, on_stop, on_epoch_end
+        try:
+            for t in range(start_task, T):
+                task = sc.tasks[t]
+                here = pos if pos is not None and pos["task"] == t else None
+                if here is None:  # else begin_task was replayed before the state was loaded
+                    seed_everything(derive_seed(cfg.seed, t, "begin"))
+                    method.begin_task(task)
+                task_t0[0] = time.time() - (here["train_seconds"] if here else 0.0)
+                for i, phase in enumerate(method.phases(task)):
+                    kw: Dict[str, Any] = {}
+                    if here is not None and i < here["phase"]:
+                        continue
+                    if here is not None and i == here["phase"]:
+                        kw = dict(start_epoch=here["epoch"], start_batch=here["batch"],
+                                  opt_state={"optimizer": here["optimizer"], "scheduler": here["scheduler"]},
+                                  rng_state=_rank_rng(ckpt, dctx) if here["batch"] else None)
+                    stats = train_phase(method, run, task, phase, i, **kw)
+                    log(f"task {t + 1}/{T} phase {phase.name}: {stats['epochs']} epochs, {stats['steps']} steps, "
+                        f"loss {stats['last_loss']}, {stats['seconds']:.1f}s")
+                pos = None
+                timing["train_seconds"].append(time.time() - task_t0[0])
+                t0 = time.time()
+                seed_everything(derive_seed(cfg.seed, t, "end"))
+                method.end_task(task, TaskContext(run, task))
+                dist_util.broadcast_state(dctx, method.checkpoint_state())
+                timing["end_task_seconds"].append(time.time() - t0)
+                t0 = time.time()
+                ev: EvalResult = evaluate(method, run, task)
+                timing["eval_seconds"].append(time.time() - t0)
+                for j, a in enumerate(ev.acc):
+                    acc[t][j] = a
+                    tii[t][j] = ev.task_acc[j]
+                seen_acc.append(100.0 * sum(ev.correct) / sum(ev.total))
+                if ev.selection:
+                    selection["diagonal"][str(t)] = ev.selection[t].tolist()
+                    if t == T - 1:
+                        selection["final"] = _hist_to_list(ev.selection)
+                log(f"task {t + 1}/{T} eval: " + " ".join(f"{a:.2f}" for a in ev.acc) + f" | avg {sum(ev.acc) / len(ev.acc):.2f}")
+                checkpoint(t, None)
+                if t < T - 1 and dist_util.any_rank(dctx, stop.requested(), p.device):
+                    interrupt(f"after task {t + 1}/{T}")
+            if dctx.is_main:
+                result = build_result(p, acc, tii, seen_acc, selection, timing, chash, run)
+            else:  # only rank 0 writes; the others return the matrix they agree on
+                result = {"acc_matrix": acc, "metrics": M.summarize(acc), "config_hash": chash, "rank": dctx.rank}
+            store.write_result(result)
+            store.set_status("done", finished=now(), **meta)
+            return result
+        except BaseException as e:
+            if interrupted:
+                raise
+            if isinstance(e, KeyboardInterrupt):
+                name = signal.Signals(stop.second or signal.SIGINT).name
+                store.set_status("interrupted", signal=name, finished=now(), **meta,
+                                 error="stopped at once (a second signal, or KeyboardInterrupt); the last checkpoint is kept")
+                raise
+            store.set_status("failed", error=f"{type(e).__name__}: {e}", finished=now(), **meta)
+            if isinstance(e, NonFiniteLossError):
+                kept = (f"the last good checkpoint is kept in {store.checkpoint_path}" if store.checkpoint_path.exists()
+                        else f"no checkpoint had been saved yet in {store.path}")
+                raise NonFiniteLossError(f"{e}; the run stopped (status failed) and {kept}") from None
+            raise
 
 
 def build_result(p: Prepared, acc, tii, seen_acc, selection, timing, chash: str, run: RunContext) -> Dict[str, Any]:
@@ -223,6 +480,7 @@ def build_result(p: Prepared, acc, tii, seen_acc, selection, timing, chash: str,
         "method": p.method_label,
         "method_name": cfg.method_name,
         "is_baseline": method.is_baseline,
+        "is_upper_bound": bool(method.joint),  # trains on every task's data (reports never rank it best)
         "seed": cfg.seed,
         "preset": cfg.preset,
         "acc_matrix": acc,

@@ -3,13 +3,17 @@
 Layout: ``<out>/<benchmark>/<method>/seed<k>/`` holding
 
 * ``config.yaml``   the resolved configuration;
-* ``status.json``   ``running`` / ``failed`` (with the error) / ``done``;
+* ``status.json``   ``running`` (with host and pid) / ``failed`` (with the error) /
+  ``interrupted`` (a stop signal; a checkpoint was saved) / ``done``; a run killed outright
+  (SIGKILL, node failure) stays ``running``;
 * ``log.txt``       one line per task / phase / evaluation;
-* ``checkpoint.pt`` the state after the last finished task (or epoch), for ``--resume``;
+* ``checkpoint.pt`` the state after the last finished task, or mid-task after an epoch
+  (``train.checkpoint_every_epochs``) or a stop signal, for ``--resume`` (see runner.py);
 * ``result.json``   written once, at the end, by an atomic rename.
 
 Every file is written to a temporary name in the same folder and renamed into place, so a crash
 or a kill never leaves a half-written file, and a failed re-run never replaces a good result.
+In a data-parallel run only rank 0 writes (the other ranks hold a read-only store).
 """
 from __future__ import annotations
 
@@ -93,10 +97,11 @@ def now() -> str:
 
 
 class RunStore:
-    """One run directory."""
+    """One run directory. ``writable=False`` (data-parallel ranks > 0): every write is a no-op."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writable: bool = True) -> None:
         self.path = Path(path)
+        self.writable = writable
 
     @property
     def result_path(self) -> Path:
@@ -107,10 +112,12 @@ class RunStore:
         return self.path / "checkpoint.pt"
 
     def create(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.writable:
+            self.path.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, cfg: Dict[str, Any]) -> None:
-        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        if self.writable:
+            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
     def status(self) -> Optional[Dict[str, Any]]:
         p = self.path / "status.json"
@@ -122,27 +129,39 @@ class RunStore:
             return None
 
     def set_status(self, status: str, **extra: Any) -> None:
-        atomic_write_json(self.path / "status.json", {"status": status, "time": now(), **extra})
+        if self.writable:
+            atomic_write_json(self.path / "status.json", {"status": status, "time": now(), **extra})
 
     def is_done(self) -> bool:
         st = self.status()
         return self.result_path.exists() and (st is None or st.get("status") == "done")
 
     def log(self, msg: str) -> None:
+        if not self.writable:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / "log.txt", "a") as f:
             f.write(f"{now()} {msg}\n")
 
     def save_checkpoint(self, state: Dict[str, Any]) -> None:
-        atomic_torch_save(self.checkpoint_path, state)
+        if self.writable:
+            atomic_torch_save(self.checkpoint_path, state)
 
     def load_checkpoint(self) -> Optional[Dict[str, Any]]:
+        """The checkpoint, or None when there is none; an unreadable file raises ``ValueError``."""
         if not self.checkpoint_path.exists():
             return None
-        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        try:
+            ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated by hand, another program's file, ...
+            raise ValueError(f"{self.checkpoint_path} is unreadable ({type(e).__name__})") from None
+        if not isinstance(ckpt, dict) or "task" not in ckpt or "state" not in ckpt:
+            raise ValueError(f"{self.checkpoint_path} is not a run checkpoint of this suite")
+        return ckpt
 
     def write_result(self, result: Dict[str, Any]) -> None:
-        atomic_write_json(self.result_path, result)
+        if self.writable:
+            atomic_write_json(self.result_path, result)
 
     def read_result(self) -> Dict[str, Any]:
         return json.loads(self.result_path.read_text())

@@ -79,11 +79,12 @@ def test_second_run_is_skipped_and_different_config_is_refused(tmp_path, capsys)
     (["-m", "ncm", "--set", "benchmark.num_classes=7"], "7 classes cannot be split evenly into 3 tasks"),
     (["-m", "ncm", "--preset", "fast"], "unknown preset 'fast'"),
     (["-m", "ncm", "--backbone", "resnet50"], "unknown backbone 'resnet50'"),
-    (["-m", "ncm", "--checkpoint", "/nonexistent/ckpt.pth"], "checkpoint file not found"),
+    # TINY_SET's backbone.pretrained=none would ignore --checkpoint; 'file' is what --checkpoint implies
+    (["-m", "ncm", "--checkpoint", "/nonexistent/ckpt.pth", "--set", "backbone.pretrained=file"], "checkpoint file not found"),
 ])
 def test_bad_input_exits_2_with_one_sentence_and_no_run_dir(tmp_path, capsys, args, message):
     base = ["run", "-b", "synthetic", "--out", str(tmp_path / "runs"), "--device", "cpu", "--quiet", "--set", *TINY_SET]
-    argv = base[:2] + args + base[2:] if "-b" not in args else ["run"] + args + base[3:]
+    argv = base[:3] + args + base[3:] if "-b" not in args else ["run"] + args + base[3:]
     # keep --set items last so that a second --set in args extends the list
     if "--set" in args:
         i = argv.index("--set")
