@@ -222,6 +222,10 @@ class HiDePrompt(ContinualMethod):
         cfg.validate()
         if max(cfg.prompt_layers) >= backbone.depth:
             raise ConfigError(f"method.prompt_layers {cfg.prompt_layers} exceed the backbone's {backbone.depth} blocks")
+        if cfg.pool_size is not None and num_tasks is not None and cfg.pool_size < num_tasks:
+            # checked here too (not only in begin_task) so that the run fails before any file is written
+            raise ConfigError(f"method.pool_size={cfg.pool_size} is smaller than the {num_tasks} tasks; "
+                              "HiDe-Prompt needs one prompt per task")
         d = backbone.embed_dim
         self.tii_mlp: nn.Module = MlpMapping(d, cfg.tii_mlp_structure) if cfg.tii_mlp_structure else nn.Identity()
         self.tii_head = nn.Linear(d, num_classes)

@@ -54,6 +54,13 @@ def test_top_k_larger_than_the_pool_is_refused(tmp_path, capsys, method):
     assert not (tmp_path / "runs").exists()
 
 
+def test_hide_prompt_pool_smaller_than_the_tasks_is_refused_before_writing(tmp_path, capsys):
+    code, err = run_cli(["run", "-b", "synthetic", "-m", "hide_prompt", "--out", str(tmp_path / "runs"), "--device", "cpu",
+                         "--quiet", "--set", *TINY_SET, "method.pool_size=2"], capsys)
+    assert code == 2 and err == "error: method.pool_size=2 is smaller than the 3 tasks; HiDe-Prompt needs one prompt per task."
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_data_folder_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PROMPTCL_OFFLINE", "1")  # no download attempt: the folder is simply empty
     (tmp_path / "empty").mkdir()
