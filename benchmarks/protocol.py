@@ -210,25 +210,24 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, tcf
                 drop_last: bool = False, device: Optional[torch.device] = None,
                 shard: Optional[Tuple[int, int]] = None) -> DataLoader:
     """A seeded loader; ``shard=(rank, world)`` yields rank's slice of the same global batches."""
+    from benchmarks.speed import loader_options
+
     g = torch.Generator().manual_seed(seed)
-    workers = tcfg.num_workers
     if shard is not None and shard[1] > 1:
         from benchmarks.distributed import ShardedBatchSampler, global_batch_sampler
 
         # generator=g as well: the loader draws its worker base seed from it before the sampler
         # draws the permutation, exactly as the unsharded loader below does.
         batches = global_batch_sampler(len(dataset), batch_size, shuffle, g, drop_last and len(dataset) >= batch_size)
-        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(batches, *shard), generator=g, num_workers=workers,
-                          pin_memory=device is not None and device.type == "cuda", persistent_workers=False)
+        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(batches, *shard), generator=g,
+                          **loader_options(tcfg, device))
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         generator=g,
         drop_last=drop_last and len(dataset) >= batch_size,
-        num_workers=workers,
-        pin_memory=device is not None and device.type == "cuda",
-        persistent_workers=False,
+        **loader_options(tcfg, device),  # workers, pinned memory on CUDA (benchmarks/speed.py)
     )
 
 

@@ -56,11 +56,14 @@ def test_coswm_schedule_freeze_then_cosine_with_assumed_iter_step():
     base = 0.005
     t = TrainConfig(schedule="coswm", epochs=20, freeze_iters=80, iter_step=40, min_lr=1e-6)
     floor = 1e-6 / base
-    assert schedule_factor(t, 0, 39, base) == pytest.approx(floor)
-    assert schedule_factor(t, 79, 39, base) == pytest.approx(floor)
-    assert schedule_factor(t, 80, 39, base) == pytest.approx(1.0)
+    # the reference scheduler is built at the base lr and steps after each update: update 0 runs
+    # at the base lr, update i >= 1 at schedule entry i - 1 (SMoPE utils/schedulers.py)
+    assert schedule_factor(t, 0, 39, base) == pytest.approx(1.0)
+    assert schedule_factor(t, 1, 39, base) == pytest.approx(floor)
+    assert schedule_factor(t, 80, 39, base) == pytest.approx(floor)
+    assert schedule_factor(t, 81, 39, base) == pytest.approx(1.0)
     total = 40 * 20 - 80  # cosine length uses iter_step, not the real 39 iterations per epoch
-    mid = 80 + total // 2
+    mid = 81 + total // 2
     assert schedule_factor(t, mid, 39, base) == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (total // 2) / total)))
     # the real run has 39·20 = 780 iterations < 800: the cosine never quite reaches the floor
     assert schedule_factor(t, 779, 39, base) > floor
