@@ -248,29 +248,32 @@ def available_presets() -> List[str]:
     return sorted(benchmark_presets().keys())
 
 
-def preset_layers(preset: str, benchmark: str, method: str) -> List[Tuple[str, Dict[str, Any]]]:
+def preset_layers(preset: str, benchmark: str, method: str, num_tasks: Optional[int] = None) -> List[Tuple[str, Dict[str, Any]]]:
     """The preset mappings that apply to (preset, benchmark, method), in resolution order.
 
     Benchmark file: ``{preset: {benchmark: {...}, '*': {...}}}``; method file:
-    ``{presets: {preset: {'*': {...}, benchmark: {...}}}}``. ``'*'`` applies to every benchmark.
+    ``{presets: {preset: {'*': {...}, benchmark: {...}}}}``. ``'*'`` applies to every benchmark;
+    a key ``benchmark@T`` (e.g. ``imagenet_r@5``) applies on top of ``benchmark`` when the run
+    has T tasks (the 5/10/20-task settings of one benchmark differ in hyper-parameters).
+    Order: benchmark file ``*``, ``b``, ``b@T``, then method file ``*``, ``b``, ``b@T``.
     """
     bench = benchmark_presets()
     if preset not in bench:
         raise ConfigError(f"unknown preset '{preset}'; available presets: {', '.join(sorted(bench))}")
+    keys = ["*", benchmark] + ([f"{benchmark}@{num_tasks}"] if num_tasks is not None else [])
     layers: List[Tuple[str, Dict[str, Any]]] = []
     bp = bench[preset] or {}
-    if "*" in bp:
-        layers.append((f"_benchmarks.yaml:{preset}:*", bp["*"]))
-    if benchmark in bp:
-        layers.append((f"_benchmarks.yaml:{preset}:{benchmark}", bp[benchmark]))
+    layers += [(f"_benchmarks.yaml:{preset}:{k}", bp[k]) for k in keys if k in bp]
     mfile = method_preset_file(method)
     if mfile.exists():
         mp = (load_yaml(mfile).get("presets") or {}).get(preset) or {}
-        if "*" in mp:
-            layers.append((f"{mfile.name}:{preset}:*", mp["*"]))
-        if benchmark in mp:
-            layers.append((f"{mfile.name}:{preset}:{benchmark}", mp[benchmark]))
+        layers += [(f"{mfile.name}:{preset}:{k}", mp[k]) for k in keys if k in mp]
     return layers
+
+
+def _num_tasks(merged: Dict[str, Any]) -> int:
+    value = (merged.get("benchmark") or {}).get("num_tasks", BenchmarkConfig.num_tasks)
+    return value if isinstance(value, int) and not isinstance(value, bool) else BenchmarkConfig.num_tasks
 
 
 def resolve_config(
@@ -285,10 +288,15 @@ def resolve_config(
         from methods.registry import get_method_class
 
         method_config_cls = get_method_class(method).Config
-    merged: Dict[str, Any] = {}
-    for _, layer in preset_layers(preset, benchmark, method):
-        merged = deep_merge(merged, layer)
-    merged = deep_merge(merged, overrides or {})
+    def merge(layers: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for _, layer in layers:
+            out = deep_merge(out, layer)
+        return deep_merge(out, overrides or {})
+
+    # first without the task-count layers, to learn T; then with the ``benchmark@T`` layers
+    merged = merge(preset_layers(preset, benchmark, method))
+    merged = merge(preset_layers(preset, benchmark, method, _num_tasks(merged)))
     cfg = RunConfig()
     cfg.preset = preset
     cfg.method_name = method

@@ -61,3 +61,23 @@ def test_config_round_trips_through_dict():
     again = run_config_from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
     assert again.method.finetune_backbone is False
+
+
+def test_task_count_preset_layers_apply_on_top_of_the_benchmark(tmp_path, monkeypatch):
+    import benchmarks.config as C
+
+    (tmp_path / "_benchmarks.yaml").write_text(
+        "quick:\n"
+        "  '*': {train: {lr: 0.1}}\n"
+        "  synthetic: {benchmark: {num_tasks: 10}, train: {epochs: 2}}\n"
+        "  synthetic@5: {train: {epochs: 7}}\n")
+    (tmp_path / "ncm.yaml").write_text(
+        "presets:\n  quick:\n    synthetic@10: {train: {lr: 0.5}}\n    synthetic@5: {train: {lr: 0.9}}\n")
+    monkeypatch.setattr(C, "PRESET_DIR", tmp_path)
+    ten = C.resolve_config("ncm", "synthetic", "quick")
+    assert (ten.benchmark.num_tasks, ten.train.epochs, ten.train.lr) == (10, 2, 0.5)
+    five = C.resolve_config("ncm", "synthetic", "quick", {"benchmark": {"num_tasks": 5}})
+    assert (five.benchmark.num_tasks, five.train.epochs, five.train.lr) == (5, 7, 0.9)
+    # an explicit --set still wins over the task-count layer
+    over = C.resolve_config("ncm", "synthetic", "quick", {"benchmark": {"num_tasks": 5}, "train": {"lr": 0.01}})
+    assert over.train.lr == 0.01
