@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throughput", action="store_true", help="also measure images/s and memory, and estimate a run's wall-clock")
     p.add_argument("--throughput-backbone", default=None,
                    help="backbone of the throughput measurement (default: the micro ViT on CPU, the table's on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads during the throughput measurement")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE")
