@@ -127,6 +127,9 @@ def prepare(cfg: RunConfig, tag: Optional[str] = None) -> Prepared:
     seed_everything(derive_seed(cfg.seed, "method"))
     method = create_method(cfg.method_name, backbone, scenario.num_classes, cfg.method,
                            num_tasks=scenario.num_tasks).to(device)
+    from benchmarks.speed import apply_run_options
+
+    apply_run_options(method, cfg)  # --compile: torch.compile the backbone passes (lazily, at first call)
     from benchmarks.datasets import _DEFAULT_TASKS
 
     label = benchmark_label(cfg, _DEFAULT_TASKS.get(cfg.benchmark.name, cfg.benchmark.num_tasks))

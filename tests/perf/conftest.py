@@ -1,0 +1,45 @@
+"""The perf suite runs only when asked for: ``pytest tests/perf --benchmark-only`` (``make perf``).
+
+pytest.ini puts ``--benchmark-disable`` in ``addopts`` so that the default ``pytest -q`` never
+times anything; here ``--benchmark-only`` (or ``--benchmark-enable``) switches benchmarking back
+on, and without either of them the files of this folder are not even collected, so the default
+run builds no ViT-B/16 and pays nothing for this folder.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import pytest
+
+FIGURES: List[Dict[str, Any]] = []  # filled by the benchmarks, printed in the terminal summary
+
+
+def perf_requested(config: pytest.Config) -> bool:
+    return bool(config.getoption("benchmark_only", False) or config.getoption("benchmark_enable", False))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # Runs before pytest-benchmark's own configure, which refuses --benchmark-only together with
+    # the --benchmark-disable of addopts.
+    if config.getoption("benchmark_only", False):
+        config.option.benchmark_enable = True
+
+
+def pytest_ignore_collect(collection_path, config: pytest.Config):
+    if collection_path.suffix == ".py" and collection_path.name.startswith("test_") and not perf_requested(config):
+        return True
+    return None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if not FIGURES:
+        return
+    tr = terminalreporter
+    tr.section("PromptCL-Bench perf figures (median over rounds)")
+    keys = ["bench", "method", "backbone", "device", "precision", "batch", "img_s", "note"]
+    rows = [[str(f.get(k, "")) if not isinstance(f.get(k), float) else f"{f[k]:.1f}" for k in keys] for f in FIGURES]
+    widths = [max(len(k), *(len(r[i]) for r in rows)) for i, k in enumerate(keys)]
+    tr.write_line("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        tr.write_line("  ".join(v.ljust(w) for v, w in zip(r, widths)))
