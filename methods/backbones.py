@@ -6,8 +6,10 @@ came from, the checkpoint file and its SHA-256, and the parameter count.
 
 Weight sources (``backbone.pretrained``):
 
-* ``timm``: timm's pretrained weights for the (tagged) name, from the hub; fails loudly offline;
-* ``file``: ``backbone.checkpoint``, loaded strictly (``methods/checkpoints.py``);
+* ``timm``: timm's pretrained weights for the (tagged) name, from the Hugging Face hub (or its
+  local cache); fails with one sentence when neither is reachable, never falls back to random;
+* ``file``: ``backbone.checkpoint``, loaded strictly in ``backbone.checkpoint_format``
+  (timm / npz / ibot / dino / mocov3, or auto-detected; ``methods/checkpoints.py``);
 * ``synthetic``: the micro ViT pretrained by the suite on procedural classes disjoint from every
   CL task (``methods/pretrain.py``), cached on disk;
 * ``none``: random initialisation (seeded), for tests;
@@ -55,6 +57,7 @@ class BackboneInfo:
     depth: int
     num_heads: int
     timm_version: str = timm.__version__
+    checkpoint_format: Optional[str] = None  # the format a local file was read as (auto resolved)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -86,6 +89,8 @@ def build_model(name: str, drop_path: float = 0.0, pretrained: bool = False) -> 
         return timm.create_model(_MICRO_BASE, pretrained=False, num_classes=0, drop_path_rate=drop_path, **MICRO_CONFIGS[arch])
     if not is_known_backbone(name):
         raise ConfigError(f"unknown backbone '{name}'; use a timm ViT name such as vit_base_patch16_224[.tag] or one of {', '.join(MICRO_CONFIGS)}")
+    if pretrained:
+        _check_hub_reachable(name)
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=0, drop_path_rate=drop_path)
     except Exception as e:
@@ -94,6 +99,64 @@ def build_model(name: str, drop_path: float = 0.0, pretrained: bool = False) -> 
                 f"could not download pretrained weights for '{name}' ({type(e).__name__}); pass a local file with --checkpoint PATH"
             ) from None
         raise
+
+
+def _hub_file(name: str) -> Tuple[Optional[str], Optional[str]]:
+    """(Hugging Face repo id, file name) timm would download for ``name``, if it uses the hub."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        pc = get_pretrained_cfg(name)
+    except Exception:
+        return None, None
+    hub_id = getattr(pc, "hf_hub_id", None) if pc is not None else None
+    return hub_id, getattr(pc, "hf_hub_filename", None) or "model.safetensors"
+
+
+def _cached_hub_file(name: str) -> Optional[str]:
+    """Local path of the hub file timm loaded for ``name`` (None when not from the hub)."""
+    hub_id, filename = _hub_file(name)
+    if not hub_id:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for fn in (filename, "model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(hub_id.split("@")[0], fn)
+            if isinstance(found, str):
+                return found
+    except Exception:
+        pass
+    return None
+
+
+def _check_hub_reachable(name: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with one sentence, when timm would have to download from an unreachable
+    hub; otherwise huggingface_hub retries for more than a minute before giving up.
+
+    Skipped when the weights are in the local Hugging Face cache, or when ``HF_HUB_OFFLINE`` is
+    set (then huggingface_hub itself only reads the cache).
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes"):
+        return
+    hub_id, filename = _hub_file(name)
+    if not hub_id:
+        return  # timm downloads from a plain URL; its own error is reported
+    if _cached_hub_file(name) is not None:
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        raise BackboneError(
+            f"cannot download pretrained weights for '{name}': {host} is unreachable ({type(e).__name__}) and "
+            f"hf-hub:{hub_id} is not in the local Hugging Face cache; pass a local file with --checkpoint PATH"
+        ) from None
 
 
 def resolve_source(cfg: BackboneConfig) -> str:
@@ -113,6 +176,7 @@ def create_backbone(cfg: BackboneConfig, init_seed: int = 0) -> Tuple[PromptedVi
     source = resolve_source(cfg)
     checkpoint: Optional[str] = None
     sha: Optional[str] = None
+    ckpt_format: Optional[str] = None
     if source == "synthetic" and arch not in MICRO_CONFIGS:
         raise ConfigError(f"backbone.pretrained=synthetic is only available for {', '.join(MICRO_CONFIGS)}")
     if source == "file" and not cfg.checkpoint:
@@ -124,13 +188,16 @@ def create_backbone(cfg: BackboneConfig, init_seed: int = 0) -> Tuple[PromptedVi
         pc = getattr(model, "pretrained_cfg", {}) or {}
         tag = pc.get("tag", tag)
         checkpoint = pc.get("hf_hub_id") or pc.get("url") or None
+        cached = _cached_hub_file(cfg.name)
+        if cached is not None:  # the exact bytes timm loaded: hash them too
+            sha = sha256_file(cached)
     elif source == "file":
         from methods.checkpoints import load_checkpoint_into
 
         path = Path(cfg.checkpoint)
         if not path.is_file():
             raise BackboneError(f"checkpoint file not found: {path}")
-        load_checkpoint_into(model, path, cfg.checkpoint_format)
+        ckpt_format = load_checkpoint_into(model, path, cfg.checkpoint_format)
         checkpoint, sha = str(path), sha256_file(path)
     elif source == "synthetic":
         from methods.checkpoints import load_checkpoint_into
@@ -152,5 +219,6 @@ def create_backbone(cfg: BackboneConfig, init_seed: int = 0) -> Tuple[PromptedVi
         embed_dim=backbone.embed_dim,
         depth=backbone.depth,
         num_heads=backbone.num_heads,
+        checkpoint_format=ckpt_format,
     )
     return backbone, info
