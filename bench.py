@@ -5,8 +5,8 @@
     python bench.py list                 methods, baselines, benchmarks, presets, backbones
     python bench.py run -b BENCH -m M1,M2 [--seeds 0 1 2] [--preset paper|quick] [--backbone NAME]
                         [--out runs] [--set key=value ...] [--device cpu|cuda] [--resume]
-    python bench.py cost -b BENCH -m all [--backbone vit_base_patch16_224] [--out reports]
-    python bench.py report [--runs runs] [--out reports]
+    python bench.py cost -b BENCH -m all [--backbone vit_base_patch16_224] [--out results/cost]
+    python bench.py report [--runs runs] [--out results/report]
     python bench.py reproduce TABLE [--dry-run]
     python bench.py sweep ... --launcher local|slurm
 
@@ -217,11 +217,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     out = Path(args.out)
-    run_args = build_parser().parse_args(
-        ["run", "-b", "synthetic", "-m", "all", "--preset", "quick", "--out", str(out / "runs"), "--seeds", *map(str, args.seeds)]
-        + (["--quiet"] if args.quiet else [])
-    )
-    cmd_run(run_args)
+    jobs = [["run", "-b", "synthetic", "-m", m, "--preset", "quick", "--out", str(out / "runs"), "--seeds", str(s), "--quiet"]
+            for m in demo_order(list_methods()) for s in args.seeds]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(len(jobs), cores))
+    print(f"demo: {len(jobs)} runs (every method and baseline x seeds {' '.join(map(str, args.seeds))}, quick preset) "
+          f"in {workers} single-threaded worker process{'es' if workers > 1 else ''}; results already in "
+          f"{out / 'runs'} are reused", flush=True)
+    if workers == 1:
+        for j in jobs:
+            _demo_job(j)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # the micro ViT's ops are too small for intra-op threads to pay off; one single-threaded run
+        # per core keeps every core busy instead
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for f in [pool.submit(_demo_job, j) for j in jobs]:
+                f.result()  # re-raises a worker's error here
     cost_dir = out / "cost"
     from benchmarks import cost
 
@@ -234,12 +248,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
             cost.cli(cost_args)
         except Exception as e:  # the demo still reports the runs; the failure is named, not hidden
             print(f"cost table skipped: {type(e).__name__}: {e}", file=sys.stderr)
-    rep = report_cli.build_report(out / "runs", out / "report", cost_dir if (cost_dir / "cost.csv").exists() else None)
+    # the paired per-seed comparison: the suite's featured method against its strongest prompt baseline
+    pair = ("smope", "coda_prompt") if {"smope", "coda_prompt"} <= set(list_methods()) and len(args.seeds) > 1 else None
+    rep = report_cli.build_report(out / "runs", out / "report", cost_dir if (cost_dir / "cost.csv").exists() else None,
+                                  compare=pair)
     print(f"demo finished in {time.time() - t0:.0f}s ({len(list_methods())} methods and baselines, seeds "
           f"{' '.join(map(str, args.seeds))}; report in {rep.seconds:.1f}s)\n")
     print(rep.main_markdown)
     print(f"report: {rep.html.resolve()}")
     return 0
+
+
+# slowest first, so the last run to finish is a short one (longest-processing-time-first scheduling)
+_DEMO_SLOW_FIRST = ("hide_prompt", "coda_prompt", "smope", "joint", "vq_prompt", "dualprompt", "l2p", "finetune",
+                    "linear_probe", "ncm")
+
+
+def demo_order(methods: Sequence[str]) -> List[str]:
+    """The demo's methods, slowest first (unknown methods, e.g. newly registered ones, go first)."""
+    rank = {m: i for i, m in enumerate(_DEMO_SLOW_FIRST)}
+    return sorted(methods, key=lambda m: rank.get(m, -1))
+
+
+def _demo_job(argv: List[str]) -> None:
+    """One demo run in a worker process (single-threaded torch)."""
+    import torch
+
+    torch.set_num_threads(1)
+    cmd_run(build_parser().parse_args(argv))
 
 
 # --- parser --------------------------------------------------------------------------------
@@ -266,7 +302,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench.py", description="PromptCL-Bench: prompt-based continual learning, compared fairly.")
-    parser.add_argument("--out", default="demo", help="demo output folder (no subcommand)")
+    parser.add_argument("--out", default="results/demo", help="demo output folder (no subcommand)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="demo seeds (no subcommand)")
     parser.add_argument("--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command")
@@ -282,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, help="timm ViT name[.tag] (random weights; default: the preset's)")
     p.add_argument("--preset", default="paper", help="method configs from this preset (quick config where it has none)")
     p.add_argument("--tasks", type=int, nargs="+", default=[5, 10, 20], help="task counts for the growth table")
-    p.add_argument("--out", default="reports")
+    p.add_argument("--out", default="results/cost", help="output folder (cost.csv, growth.csv, tables)")
     p.add_argument("--device", default="cpu", help="device of the throughput measurement")
     p.add_argument("--throughput", action="store_true", help="also measure images/s and memory, and estimate a run's wall-clock")
     p.add_argument("--throughput-backbone", default=None,
@@ -294,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="tables, plots and report.html from stored results (no training)")
     p.add_argument("--runs", default="runs", help="folder searched recursively for result.json")
-    p.add_argument("--out", default="reports", help="output folder (report.html, report.md, tables/, plots/)")
+    p.add_argument("--out", default="results/report", help="output folder (report.html, report.md, tables/, plots/)")
     p.add_argument("--cost", default=None, help="folder of a 'bench.py cost' output to include")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired per-seed difference of two methods")
     p.add_argument("--metrics", default=None, help="main-table metrics, comma-separated (default faa,caa,ffm; "
@@ -302,12 +338,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", default=None, help="folder of reported-number YAML files (default benchmarks/references)")
 
     p = sub.add_parser("reproduce", help="run the grid behind a paper table, then report it")
-    p.add_argument("table", nargs="?")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("table", nargs="?", help="table name (benchmarks/references/tables/*.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs, their status, files and GPU-time estimate")
+    p.add_argument("--report-only", action="store_true", help="render the table from the finished runs, launch nothing")
     p.add_argument("--runs", default="runs")
-    p.add_argument("--out", default="reports")
+    p.add_argument("--out", default="results/reproduce", help="output folder (<table>.md, .tex, .csv)")
     p.add_argument("--launcher", default="local", choices=["local", "slurm"])
     p.add_argument("--data-root", default="data")
+    p.add_argument("--checkpoint-dir", default="checkpoints", help="folder of local backbone checkpoints (iBOT, DINO)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="instead of the table's seeds")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override a config key in every run")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--gpu-tflops", type=float, default=None, help="sustained TFLOP/s assumed by the estimate (default 100)")
+    p.add_argument("--no-estimate", action="store_true", help="dry run without the cost-model estimate")
+    p.add_argument("--partition", help="slurm partition")
+    p.add_argument("--time-limit", type=int, default=240, help="minutes per job (slurm)")
+    p.add_argument("--gpus", type=int, default=None, help="local: N parallel processes, one per GPU; slurm: GPUs per job")
+    p.add_argument("--cpus-per-task", type=int, default=8, help="slurm: CPU cores per job")
+    p.add_argument("--array-parallelism", type=int, default=64, help="slurm: jobs of the array running at once")
+    p.add_argument("--submitit-backend", default="slurm", choices=["slurm", "local", "debug"])
+    p.add_argument("--no-wait", action="store_true", help="slurm: submit the array and return")
 
     p = sub.add_parser("sweep", help="benchmarks × methods × seeds, skipping finished runs")
     add_run_options(p)
