@@ -131,6 +131,31 @@ def test_second_evaluation_of_a_two_pass_method_costs_one_pass_per_image(method)
     assert first.acc == second.acc == third.acc and first.correct == second.correct == third.correct
 
 
+def test_training_queries_are_cached_only_without_random_augmentation():
+    """train_transform none: each training image's query is computed in the first epoch and reused
+    in the second (misses = hits = n), and training ends in exactly the parameters of an uncached
+    run; with a random transform the cache is not even consulted for training images."""
+    cfg = make_tiny_config("l2p", {"benchmark": {"train_transform": "none"}, "train": {"epochs": 2}})
+    params = {}
+    for cached in (True, False):
+        p = prepare(cfg)
+        run = RunContext(cfg, p.scenario, torch.device("cpu"), None, QueryCache(cached), train_deterministic=True)
+        task = p.scenario.tasks[0]
+        p.method.begin_task(task)
+        train_phase(p.method, run, task, p.method.phases(task)[0], 0)
+        n = len(p.scenario.train_sets[0])
+        assert (run.cache.hits, run.cache.misses) == ((n, n) if cached else (0, 2 * n))
+        params[cached] = [w.detach().clone() for w in p.method.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(params[True], params[False]))
+    random_cfg = make_tiny_config("l2p", {"train": {"epochs": 2}})
+    p = prepare(random_cfg)
+    run = RunContext(random_cfg, p.scenario, torch.device("cpu"), None, QueryCache(True), train_deterministic=False)
+    task = p.scenario.tasks[0]
+    p.method.begin_task(task)
+    train_phase(p.method, run, task, p.method.phases(task)[0], 0)
+    assert (run.cache.hits, run.cache.misses, run.cache.store) == (0, 0, {})
+
+
 def test_precision_default_is_bf16_on_cuda_and_fp32_on_cpu():
     assert resolve_precision("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_precision("auto", torch.device("cpu")) is None
@@ -195,3 +220,20 @@ def test_train_step_matches_the_protocol_step():
         assert torch.allclose(wa, wb, atol=1e-6), name
     with torch.no_grad():
         assert torch.allclose(InferBatch(a.method, x)(), InferBatch(b.method, x)(), atol=1e-5)
+
+
+def test_refcompare_grad_audit_counts_gradients_of_weights_no_optimiser_updates():
+    """The side-by-side harness's audit: a 3x4 weight (+4 bias) that requires grad but is not
+    optimised is counted as wasted gradient; a frozen one (requires_grad False) is not."""
+    from benchmarks.refcompare import Side, grad_audit, load_vit_weights
+
+    frozen, wasted, head = torch.nn.Linear(2, 3), torch.nn.Linear(3, 4), torch.nn.Linear(4, 5)
+    frozen.requires_grad_(False)
+    model = torch.nn.Sequential(frozen, wasted, head)
+    model(torch.ones(2, 2)).sum().backward()
+    side = Side(lambda: None, lambda: None, list(head.parameters()), list(model.parameters()))
+    assert grad_audit(side) == {"optimised": 4 * 5 + 5, "with_grad": 3 * 4 + 4 + 4 * 5 + 5, "grad_not_optimised": 16}
+    # weights are shared by name and shape only: 2 of the 6 tensors of `model` match `donor`
+    donor = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 7))
+    assert load_vit_weights(model, donor) == 2
+    assert torch.equal(model[0].weight, donor[0].weight) and not torch.equal(model[1].bias[:3], donor[1].bias[:3])
