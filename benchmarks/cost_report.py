@@ -67,27 +67,17 @@ GROWTH_COLUMNS = ["benchmark", "method", "num_tasks", "added_params", "allocated
 # --- configuration -------------------------------------------------------------------------
 
 def split_names(values: Optional[Sequence[str]]) -> List[str]:
-    out: List[str] = []
-    for v in values or []:
-        out += [s.strip() for s in v.split(",") if s.strip()]
-    return out
+    """``-b a,b c`` -> ``[a, b, c]`` (the CLI's parsing, shared with ``bench.py run`` and sweeps)."""
+    import bench
+
+    return bench.split_names(values)
 
 
 def expand_methods(names: List[str]) -> List[str]:
-    from methods.registry import get_method_class, list_methods
+    """``all`` / ``methods`` / ``baselines`` / names -> registered names (the CLI's expansion)."""
+    import bench
 
-    if not names:
-        raise ConfigError("no method given; pass -m NAME[,NAME...] or -m all")
-    out: List[str] = []
-    for n in names:
-        if n == "all":
-            out += list_methods()
-        elif n in ("methods", "baselines"):
-            out += list_methods(n[:-1])
-        else:
-            get_method_class(n)  # UnknownMethodError lists the registered names (exit status 2)
-            out.append(n)
-    return list(dict.fromkeys(out))
+    return bench.expand_methods(names)
 
 
 def resolve_method_config(method: str, benchmark: str, preset: str, overrides: Dict[str, Any]) -> Tuple[RunConfig, str]:
