@@ -27,6 +27,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # the --benchmark-disable of addopts.
     if config.getoption("benchmark_only", False):
         config.option.benchmark_enable = True
+    config.addinivalue_line("markers", "perf_cuda: ViT-B/16 benchmark on a CUDA GPU (not collected without one)")
+    config.addinivalue_line("markers", "perf_compile: torch.compile benchmark (collected with PROMPTCL_PERF_COMPILE=1)")
     # On CPU the suite runs single-threaded (test_perf.py) and times the process's CPU seconds:
     # on a shared machine wall-clock mostly measures how long other processes held the cores.
     # On CUDA, or with an explicit --benchmark-timer, the timer is left alone.
@@ -40,6 +42,30 @@ def cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
+DESELECTED: List[str] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """Benchmarks that need hardware or time this run does not have are not collected (rather than
+    collected and skipped): GPU benchmarks without CUDA, compile benchmarks without
+    ``PROMPTCL_PERF_COMPILE=1``. The terminal summary names what was left out and why."""
+    import os
+
+    import torch
+
+    reasons = {"perf_cuda": None if torch.cuda.is_available() else "no CUDA device",
+               "perf_compile": None if os.environ.get("PROMPTCL_PERF_COMPILE") == "1" else "PROMPTCL_PERF_COMPILE=1 not set"}
+    keep, drop = [], []
+    for item in items:
+        why = next((r for m, r in reasons.items() if r and item.get_closest_marker(m)), None)
+        (drop if why else keep).append(item)
+        if why:
+            DESELECTED.append(f"{item.name}: {why}")
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 def pytest_ignore_collect(collection_path, config: pytest.Config):
     if collection_path.suffix == ".py" and collection_path.name.startswith("test_") and not perf_requested(config):
         return True
@@ -47,9 +73,13 @@ def pytest_ignore_collect(collection_path, config: pytest.Config):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    tr = terminalreporter
+    if DESELECTED:
+        tr.section("PromptCL-Bench perf: not collected")
+        for line in DESELECTED:
+            tr.write_line(line)
     if not FIGURES:
         return
-    tr = terminalreporter
 
     timer = str(config.option.benchmark_timer)
     clock = "process CPU time" if timer.endswith("process_time") else "wall-clock"

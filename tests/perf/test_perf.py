@@ -5,7 +5,7 @@ protocol's step, query pass included) and an inference batch (every pass, no cac
 
 * the micro ViT on CPU, fp32 (methods sized by the ``quick`` preset), always;
 * ViT-B/16 on CUDA, bf16 and fp32 (the ``paper`` preset's method config on CIFAR-100), when a GPU
-  is present -- skipped with a reason otherwise.
+  is present -- not collected otherwise (the summary lists what was left out and why).
 
 Plus the query-cache benchmark: the second evaluation of a 2-pass method costs one backbone pass
 per image (checked by counting the images each pass sees), and the optional ``torch.compile``
@@ -44,7 +44,8 @@ MICRO = "vit_micro_patch8_32"
 VIT_B = "vit_base_patch16_224"
 MICRO_BATCH = 8
 GPU_BATCH = int(os.environ.get("PROMPTCL_PERF_BATCH", "64"))
-NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="ViT-B/16 figures are measured on a CUDA GPU; none is present")
+# GPU-only benchmarks are not collected without CUDA (tests/perf/conftest.py deselects them and says so)
+NEEDS_CUDA = pytest.mark.perf_cuda
 TWO_PASS = ["l2p", "dualprompt", "coda_prompt"]
 
 
@@ -253,9 +254,8 @@ def test_evaluation_with_query_cache(benchmark, name, device, cache):
 
 # --- torch.compile (opt-in) ----------------------------------------------------------------
 
-COMPILE = pytest.mark.skipif(os.environ.get("PROMPTCL_PERF_COMPILE") != "1",
-                             reason="set PROMPTCL_PERF_COMPILE=1: compiling takes minutes (about 7 for the micro ViT "
-                                    "on a loaded 2-core CPU)")
+# collected only with PROMPTCL_PERF_COMPILE=1: inductor needs minutes to compile even the micro ViT on CPU
+COMPILE = pytest.mark.perf_compile
 
 
 @COMPILE
