@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from benchmarks.config import ConfigError
 from methods.base import ContinualMethod, MethodOutput, Task
-from methods.l2p import INIT_RANGES, PULL_LOSSES, fp32_similarity, pull_loss
+from methods.l2p import INIT_RANGES, check_pool_options, fp32_similarity, pull_loss
 from methods.prompts import select_topk
 from methods.registry import register_method
 from methods.vit import Prefix, PromptedViT, prefix_from_kv, to_heads
@@ -104,14 +104,7 @@ class DualPrompt(ContinualMethod):
                 raise ConfigError("method.e_length must be at least 1 and method.g_length at least 0")
             if self.variant == "coda" and (self.e_length < 2 or self.g_length == 1):
                 raise ConfigError("variant coda splits a prompt into key and value halves; use lengths of at least 2")
-            if not 1 <= self.top_k <= self.pool_size:
-                raise ConfigError(f"method.top_k must lie between 1 and method.pool_size ({self.pool_size})")
-            if self.pull_loss not in PULL_LOSSES:
-                raise ConfigError(f"unknown method.pull_loss '{self.pull_loss}'; choose one of {', '.join(PULL_LOSSES)}")
-            if self.pull_chunks < 1:
-                raise ConfigError("method.pull_chunks must be at least 1")
-            if self.init not in INIT_RANGES:
-                raise ConfigError(f"unknown method.init '{self.init}'; choose one of {', '.join(INIT_RANGES)}")
+            check_pool_options(self)
             if self.reshape_quirk and (self.variant != "dualprompt" or self.separate_keys):
                 raise ConfigError("method.reshape_quirk reproduces dualprompt-pytorch and needs variant dualprompt with one key set")
 

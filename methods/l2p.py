@@ -75,6 +75,19 @@ INIT_RANGES: Dict[str, tuple] = {
 PULL_LOSSES = ("l2p", "coda_pairs", "coda_per_sample")
 
 
+def check_pool_options(cfg) -> None:
+    """The checks shared by the key-matched prompt pools (L2P here, DualPrompt's E-pool): top-k
+    within the pool, a known pull loss and init range, at least one pull chunk."""
+    if not 1 <= cfg.top_k <= cfg.pool_size:
+        raise ConfigError(f"method.top_k must lie between 1 and method.pool_size ({cfg.pool_size})")
+    if cfg.pull_loss not in PULL_LOSSES:
+        raise ConfigError(f"unknown method.pull_loss '{cfg.pull_loss}'; choose one of {', '.join(PULL_LOSSES)}")
+    if cfg.pull_chunks < 1:
+        raise ConfigError("method.pull_chunks must be at least 1")
+    if cfg.init not in INIT_RANGES:
+        raise ConfigError(f"unknown method.init '{cfg.init}'; choose one of {', '.join(INIT_RANGES)}")
+
+
 def pull_loss(sim: Tensor, idx: Tensor, kind: str, chunks: int = 1) -> Tensor:
     """Key–query pull loss (to be multiplied by the pull coefficient).
 
@@ -134,14 +147,7 @@ class L2P(ContinualMethod):
             prompt_tuning = self.variant == "l2p"
             if self.pool_size < 1 or self.length < 1:
                 raise ConfigError("method.pool_size and method.length must be at least 1")
-            if not 1 <= self.top_k <= self.pool_size:
-                raise ConfigError(f"method.top_k must lie between 1 and method.pool_size ({self.pool_size})")
-            if self.pull_loss not in PULL_LOSSES:
-                raise ConfigError(f"unknown method.pull_loss '{self.pull_loss}'; choose one of {', '.join(PULL_LOSSES)}")
-            if self.pull_chunks < 1:
-                raise ConfigError("method.pull_chunks must be at least 1")
-            if self.init not in INIT_RANGES:
-                raise ConfigError(f"unknown method.init '{self.init}'; choose one of {', '.join(INIT_RANGES)}")
+            check_pool_options(self)
             heads = ("prompt", "token", "token+prompt") if prompt_tuning else ("token",)
             if self.head not in heads:
                 raise ConfigError(f"method.head '{self.head}' is not available for variant {self.variant}; choose {' or '.join(heads)}")
