@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -122,27 +122,29 @@ def timm06_shim() -> None:
     helpers.build_model_with_cfg = build_model_with_cfg
 
 
-def jhlee_side(config: str, vit: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Side:
-    """L2P / DualPrompt (JH-LEE-KR): the argument defaults of ``configs/<config>.py``, models made
-    by ``timm.create_model`` as ``main.py`` makes them (a frozen original model for the query, the
-    prompted model with ``args.freeze`` applied), ``timm.optim.create_optimizer``; one step is
-    ``engine.train_one_epoch`` over a one-batch loader."""
-    from timm.models import create_model
-    from timm.optim import create_optimizer
-
-    timm06_shim()
+def jhlee_args(config: str, extra: Sequence[str] = ()) -> argparse.Namespace:
+    """The arguments ``main.py`` of a JH-LEE-KR-style code base (L2P, DualPrompt, HiDe-Prompt) parses
+    for ``configs/<config>.py`` plus ``extra``, set for one CPU process without pretrained weights."""
     cfgmod = importlib.import_module(f"configs.{config}")
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="subparser_name")
     cfgmod.get_args_parser(sub.add_parser(config))
-    args = parser.parse_args([config])
+    args = parser.parse_args([config, *extra])
     args.device, args.distributed, args.nb_classes, args.pretrained = "cpu", False, NUM_CLASSES, False
     args.print_freq = 10 ** 9
-    importlib.import_module("models")  # registers their vit_base_patch16_224 in timm's registry
-    engine = importlib.import_module("engine")
+    return args
+
+
+def jhlee_models(args: argparse.Namespace, vit: nn.Module, original_name: str,
+                 **original_kwargs: Any) -> Tuple[nn.Module, nn.Module, int]:
+    """The frozen original (query) model and the prompted model, built by ``timm.create_model`` as
+    those ``main.py`` scripts build them, both holding ``vit``'s weights, with ``args.freeze``
+    applied. Returns ``(original, model, number of weights loaded)``."""
+    from timm.models import create_model
+
     common = dict(pretrained=False, num_classes=NUM_CLASSES, drop_rate=args.drop, drop_path_rate=args.drop_path,
                   drop_block_rate=None)
-    original = create_model(args.model, **common)
+    original = create_model(original_name, **common, **original_kwargs)
     kwargs = {}
     for item in JHLEE_MODEL_KWARGS:
         kw, _, attr = item.partition(":")
@@ -155,6 +157,21 @@ def jhlee_side(config: str, vit: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     for n, p in model.named_parameters():
         if n.startswith(tuple(args.freeze)):
             p.requires_grad = False
+    return original, model, shared
+
+
+def jhlee_side(config: str, vit: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Side:
+    """L2P / DualPrompt (JH-LEE-KR): the argument defaults of ``configs/<config>.py``, models made
+    by ``timm.create_model`` as ``main.py`` makes them (a frozen original model for the query, the
+    prompted model with ``args.freeze`` applied), ``timm.optim.create_optimizer``; one step is
+    ``engine.train_one_epoch`` over a one-batch loader."""
+    from timm.optim import create_optimizer
+
+    timm06_shim()
+    args = jhlee_args(config)
+    importlib.import_module("models")  # registers their vit_base_patch16_224 in timm's registry
+    engine = importlib.import_module("engine")
+    original, model, shared = jhlee_models(args, vit, args.model)
     optimizer = create_optimizer(args, model)
     criterion = nn.CrossEntropyLoss()
     class_mask = [list(range(t * PER_TASK, (t + 1) * PER_TASK)) for t in range(NUM_TASKS)]
@@ -180,37 +197,16 @@ def hide_side(vit: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Side:
     model with its TII MLP head (``mlp_structure``) picks the prompt, ``trainers/hideprompt_trainer.py``
     builds both models and the two-group optimiser; one step is
     ``engines/hide_promtp_wtp_and_tap_engine.train_one_epoch`` over a one-batch loader."""
-    from timm.models import create_model
     from timm.optim import create_optimizer
 
     timm06_shim()
     config = "cifar100_hideprompt_5e"
-    cfgmod = importlib.import_module(f"configs.{config}")
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="subparser_name")
-    cfgmod.get_args_parser(sub.add_parser(config))
-    args = parser.parse_args([config, "--length", "5", "--larger_prompt_lr", "--sched", "step",
-                              "--prompt_momentum", "0.01", "--reg", "0.1", "--model", "vit_base_patch16_224",
-                              "--original_model", "vit_base_patch16_224"])
-    args.device, args.distributed, args.nb_classes, args.pretrained = "cpu", False, NUM_CLASSES, False
-    args.print_freq = 10 ** 9
+    args = jhlee_args(config, ["--length", "5", "--larger_prompt_lr", "--sched", "step", "--prompt_momentum", "0.01",
+                               "--reg", "0.1", "--model", "vit_base_patch16_224", "--original_model", "vit_base_patch16_224"])
     importlib.import_module("vits.hide_prompt_vision_transformer")  # registers their ViT builders
     engine = importlib.import_module("engines.hide_promtp_wtp_and_tap_engine")
-    common = dict(pretrained=False, num_classes=NUM_CLASSES, drop_rate=args.drop, drop_path_rate=args.drop_path,
-                  drop_block_rate=None)
-    original = create_model(args.original_model, **common, mlp_structure=args.original_model_mlp_structure)
-    kwargs = {}
-    for item in JHLEE_MODEL_KWARGS:
-        kw, _, attr = item.partition(":")
-        if hasattr(args, attr or kw):
-            kwargs[kw] = getattr(args, attr or kw)
-    model = create_model(args.model, **common, **kwargs)
-    shared = load_vit_weights(original, vit) + load_vit_weights(model, vit)
-    for p in original.parameters():
-        p.requires_grad = False
-    for n, p in model.named_parameters():
-        if n.startswith(tuple(args.freeze)):
-            p.requires_grad = False
+    original, model, shared = jhlee_models(args, vit, args.original_model,
+                                           mlp_structure=args.original_model_mlp_structure)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if "prompt" in n], "lr": args.lr, "weight_decay": args.weight_decay},
               {"params": [p for n, p in named if "prompt" not in n], "lr": args.lr * 0.1,
