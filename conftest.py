@@ -34,6 +34,15 @@ def _deterministic_torch():
 
 
 @pytest.fixture
+def one_thread():
+    """Run the test with one intra-op thread, then restore the previous count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def micro_backbone():
     """A randomly initialised (seeded) micro PromptedViT."""
     from methods.backbones import create_backbone

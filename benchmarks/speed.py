@@ -153,6 +153,26 @@ class InferBatch:
             return self.method(self.x, query=self.query).logits
 
 
+class PassCounter:
+    """Counts the images that go through a :class:`~methods.vit.PromptedViT`'s query pass and its
+    prompted pass, by wrapping both as instance attributes (used by the perf suite and the tests to
+    show what the query cache saves)."""
+
+    def __init__(self, backbone: Any) -> None:
+        self.query = self.prompted = 0
+        q, f = backbone.query, backbone.forward_features
+
+        def query(x: Tensor) -> Tensor:
+            self.query += len(x)
+            return q(x)
+
+        def forward_features(x: Tensor, *a: Any, **k: Any) -> Any:
+            self.prompted += len(x)
+            return f(x, *a, **k)
+
+        backbone.query, backbone.forward_features = query, forward_features
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

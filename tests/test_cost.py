@@ -54,13 +54,8 @@ POSTER = {"l2p": (67.44, 67.44), "dualprompt": (33.72, 67.44), "coda_prompt": (6
           "hide_prompt": (33.72, 67.45), "smope": (33.72, 33.72), "vq_prompt": (67.44, 67.44)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Counting and the tiny throughput run need no intra-op threads (they only contend on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# counting and the tiny runs need no intra-op threads (they only contend on a busy CPU)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

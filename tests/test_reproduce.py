@@ -13,7 +13,6 @@ import json
 import math
 
 import pytest
-import torch
 import yaml
 
 import bench
@@ -26,12 +25,8 @@ from methods.registry import list_methods
 MN, MD, MDEPTH, MH, MDH, PATCH_IN = 17, 64, 6, 4, 16, 3 * 8 * 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# counting and the tiny runs need no intra-op threads (they only contend on a busy CPU)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write(path, doc):

@@ -13,7 +13,8 @@ from benchmarks.config import TrainConfig
 from benchmarks.protocol import (QueryCache, RunContext, derive_seed, evaluate, make_loader, resolve_precision,
                                  seed_everything, train_phase)
 from benchmarks.runner import prepare
-from benchmarks.speed import InferBatch, TrainStep, apply_run_options, compile_backbone, is_compiled, loader_options
+from benchmarks.speed import (InferBatch, PassCounter, TrainStep, apply_run_options, compile_backbone, is_compiled,
+                              loader_options)
 from conftest import make_tiny_config
 from methods.registry import list_methods
 from test_cli import TINY_SET
@@ -91,24 +92,6 @@ def test_query_cache_gives_the_same_accuracy_matrix_end_to_end(tmp_path, capsys)
     # the tiny scenario's train transform is random, so training queries are not cacheable
     assert cached["diagnostics"]["query_cache"] == {"hits": hits, "misses": sum(n)}
     assert uncached["diagnostics"]["query_cache"] == {"hits": 0, "misses": evals}
-
-
-class PassCounter:
-    """Counts the images that go through the backbone's query pass and its prompted pass."""
-
-    def __init__(self, backbone):
-        self.query = self.prompted = 0
-        q, f = backbone.query, backbone.forward_features
-
-        def query(x):
-            self.query += len(x)
-            return q(x)
-
-        def forward_features(x, *a, **k):
-            self.prompted += len(x)
-            return f(x, *a, **k)
-
-        backbone.query, backbone.forward_features = query, forward_features
 
 
 @pytest.mark.parametrize("method", ["l2p", "coda_prompt"])

@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.config import resolve_config
 from benchmarks.cost_report import build_method, make_tasks, random_backbone, resolve_method_config
-from benchmarks.speed import InferBatch, TrainStep, compile_backbone, synchronize
+from benchmarks.speed import InferBatch, PassCounter, TrainStep, compile_backbone, synchronize
 from methods.backbones import create_backbone
 from methods.registry import list_methods
 from methods.vit import PromptedViT
@@ -178,24 +178,6 @@ def test_inference_batch_vit_b16_cuda(benchmark, name, precision):
 
 
 # --- the query cache in evaluation ---------------------------------------------------------
-
-class PassCounter:
-    """Counts the images that go through the backbone's query pass and its prompted pass."""
-
-    def __init__(self, backbone) -> None:
-        self.query = self.prompted = 0
-        q, f = backbone.query, backbone.forward_features
-
-        def query(x):
-            self.query += len(x)
-            return q(x)
-
-        def forward_features(x, *a, **k):
-            self.prompted += len(x)
-            return f(x, *a, **k)
-
-        backbone.query, backbone.forward_features = query, forward_features
-
 
 def evaluation_setup(name: str, backbone: str, device: str):
     from benchmarks.protocol import QueryCache, RunContext, resolve_precision
