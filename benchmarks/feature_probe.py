@@ -103,15 +103,14 @@ def masked_probe_accuracy(train: Sequence[Split], test: Sequence[Split], num_cla
                           s: ProbeSettings = ProbeSettings(), head: Optional[nn.Linear] = None) -> float:
     """Final accuracy (%) of a linear head trained task by task on the current task's logits.
 
-    ``train[t]`` holds task t's features and labels; one Adam optimiser persists across tasks,
-    as in the protocol. ``head`` (default: a fresh ``nn.Linear`` seeded by ``s.seed``) is trained
-    in place.
+    ``train[t]`` holds task t's features and labels; every task starts a fresh Adam optimiser,
+    as the protocol does for every phase. ``head`` (default: a fresh ``nn.Linear`` seeded by
+    ``s.seed``) is trained in place.
     """
     head = head or _fresh_head(train[0][0].shape[1], num_classes, s.seed)
-    opt = torch.optim.Adam(head.parameters(), lr=s.lr)
     g = torch.Generator().manual_seed(s.seed)
     for x, y in train:
-        _train_head(head, x, y, torch.unique(y), s, opt, g)
+        _train_head(head, x, y, torch.unique(y), s, torch.optim.Adam(head.parameters(), lr=s.lr), g)
     return _accuracy(head, test)
 
 

@@ -46,8 +46,9 @@ def test_masked_head_is_exact_when_tasks_use_orthogonal_directions():
 
 def test_masked_head_loses_a_later_task_that_projects_on_an_earlier_discriminant():
     # Same tasks, but task 1's images sit at x = 10: class 0's logit there is 10 a (a: its weight
-    # along x), class 2's is b (its weight along y); Adam gives a and b comparable sizes, so task
-    # 1 goes entirely to class 0 while task 0 stays right: exactly half of the images.
+    # along x), class 2's is b (its weight along y). Each task's fresh Adam sees the same
+    # geometry along its own axis, so a = b, and task 1 goes entirely to class 0 while task 0
+    # stays right: exactly half of the images.
     tasks = [_task([[1, 0], [-1, 0]], [0, 1]), _task([[10, 1], [10, -1]], [2, 3])]
     assert masked_probe_accuracy(tasks, tasks, 4, FULL_BATCH, head=_zero_head(2, 4)) == 50.0
     # every class is linearly separable from the others (e.g. w_C = (1, 1), b_C = -1/2 against
