@@ -69,21 +69,27 @@ def ncm_accuracy(train: Sequence[Split], test: Sequence[Split]) -> float:
     return (pred == yt).float().mean().item() * 100
 
 
+def _fit(model: nn.Module, x: Tensor, y: Tensor, mask: Optional[Tensor], epochs: int, batch_size: int,
+         opt: torch.optim.Optimizer, g: torch.Generator) -> None:
+    """Minibatch cross-entropy training of ``model`` (x -> logits); ``mask`` is added to the logits."""
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i : i + batch_size]
+            logits = model(x[idx])
+            loss = F.cross_entropy(logits if mask is None else logits + mask, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
 def _train_head(head: nn.Linear, x: Tensor, y: Tensor, allowed: Optional[Tensor], s: ProbeSettings,
                 opt: torch.optim.Optimizer, g: torch.Generator) -> None:
     mask = None
     if allowed is not None:  # -inf on every logit outside the allowed classes
         mask = torch.full((head.out_features,), float("-inf"))
         mask[allowed] = 0.0
-    for _ in range(s.epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), s.batch_size):
-            idx = perm[i : i + s.batch_size]
-            logits = head(x[idx])
-            loss = F.cross_entropy(logits if mask is None else logits + mask, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    _fit(head, x, y, mask, s.epochs, s.batch_size, opt, g)
 
 
 def _fresh_head(dim: int, num_classes: int, seed: int) -> nn.Linear:
@@ -130,6 +136,11 @@ def _images(ds) -> Tuple[Tensor, Tensor]:
     return torch.stack([ds[i][0] for i in range(len(ds))]), torch.as_tensor(ds.labels)
 
 
+def _pixels(imgs: Tensor) -> Tensor:
+    """Channel-mean pixels, flattened: (B, 3, S, S) -> (B, S*S)."""
+    return imgs.mean(1).flatten(1)
+
+
 def _indomain_extractor(cfg, scenario, limit: int = 20000, epochs: int = 5):
     """The non-disjoint ceiling: an MLP trained on the benchmark's training images the run skips."""
     import dataclasses
@@ -148,23 +159,15 @@ def _indomain_extractor(cfg, scenario, limit: int = 20000, epochs: int = 5):
     if len(pool) == 0:
         raise ConfigError("the benchmark has no training image outside the run's subsample for --features indomain")
     x, y = _images(TaskDataset(full, pool, label_map, scenario.test_transform))
-    x = x.mean(1).flatten(1)
+    x = _pixels(x)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         net = nn.Sequential(nn.Linear(x.shape[1], 256), nn.ReLU(), nn.Linear(256, 64), nn.LayerNorm(64))
         head = nn.Linear(64, scenario.num_classes)
     opt = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=1e-3)
-    g = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 128):
-            idx = perm[i : i + 128]
-            loss = F.cross_entropy(head(net(x[idx])), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    _fit(nn.Sequential(net, head), x, y, None, epochs, 128, opt, torch.Generator().manual_seed(cfg.seed))
     net.eval()
-    return lambda imgs: net(imgs.mean(1).flatten(1))
+    return lambda imgs: net(_pixels(imgs))
 
 
 def scenario_features(cfg, features: str = "backbone") -> Tuple[List[Split], List[Split], int]:
@@ -178,7 +181,7 @@ def scenario_features(cfg, features: str = "backbone") -> Tuple[List[Split], Lis
     if features == "backbone":
         extract = backbone.query
     elif features == "pixels":
-        extract = lambda imgs: imgs.mean(1).flatten(1)  # noqa: E731
+        extract = _pixels
     elif features == "indomain":
         extract = _indomain_extractor(cfg, scenario)
     else:
