@@ -9,6 +9,7 @@
     python bench.py report [--runs runs] [--out results/report]
     python bench.py reproduce TABLE [--dry-run]
     python bench.py sweep ... --launcher local|slurm
+    python bench.py gpu-check [--device cuda] [--budget 420] [--out results/gpu-check] [--ref-root DIR]
 
 Errors in user input print one sentence and exit with status 2, leaving no run directory behind.
 """
@@ -209,6 +210,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return sweep.cli(args)
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    """Speed, memory and precision of every method on one device in minutes (docs/speed.md)."""
+    from benchmarks import gpu_check
+
+    return gpu_check.cli(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The quick demo: every method and baseline on the quick synthetic preset, the ViT-B/16 cost
     table, then the report. Ends by printing the main table and the path of report.html."""
@@ -359,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--submitit-backend", default="slurm", choices=["slurm", "local", "debug"])
     p.add_argument("--no-wait", action="store_true", help="slurm: submit the array and return")
 
+    p = sub.add_parser("gpu-check", help="speed, memory and bf16 precision of every method on one GPU, within a time budget")
+    from benchmarks.gpu_check import add_arguments as gpu_check_arguments
+
+    gpu_check_arguments(p)
+
     p = sub.add_parser("sweep", help="benchmarks × methods × seeds, skipping finished runs")
     add_run_options(p)
     p.add_argument("--grid", help="YAML grid file: benchmarks, methods (names or {name, tag, set}), seeds, presets, set")
@@ -384,6 +397,7 @@ COMMANDS = {
     "report": cmd_report,
     "reproduce": cmd_reproduce,
     "sweep": cmd_sweep,
+    "gpu-check": cmd_gpu_check,
 }
 
 
