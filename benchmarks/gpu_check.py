@@ -122,7 +122,7 @@ def device_info(device: torch.device, matmul_n: int) -> Dict[str, Any]:
                     cpu_bf16=_cpu_flags(("avx512_bf16", "amx_bf16")))
     measured = matmul_tflops(device, matmul_n)
     table = table_peak_tflops(info["name"]) if device.type == "cuda" else None
-    info["peak"] = {"table_bf16_tflops": table, "matmul_bf16_tflops": round(measured, 3), "matmul_n": matmul_n,
+    info["peak"] = {"table_bf16_tflops": table, "matmul_bf16_tflops": measured, "matmul_n": matmul_n,
                     "used_tflops": table if table else measured,
                     "source": "table of known devices (dense bf16)" if table else f"measured: one {matmul_n}³ bf16 matmul"}
     return info
@@ -252,11 +252,14 @@ class Setup:
             over = {"backbone": {"name": self.backbone, "pretrained": "none"}}
             self.cfgs[m], _ = resolve_method_config(m, args.benchmark, self.preset, over)
         paper = {m: resolve_method_config(m, args.benchmark, "paper", {})[0] for m in methods}
+        self.paper_cfgs = paper  # the loader stage's transform and workers are the paper preset's
         # batch sizes: the paper preset's (--batch-size overrides both)
         self.train_batch = {m: args.batch_size or paper[m].train.batch_size for m in methods}
         self.infer_batch = {m: args.batch_size or paper[m].train.eval_batch_size for m in methods}
         self.num_classes = benchmark_classes(self.cfgs[methods[0]]) if methods else 0
         self.vit = random_backbone(self.backbone, seed=0).to(device)
+        # a fine-tuning baseline's steps change the shared ViT: every method starts from these weights
+        self.vit_state = {k: v.clone() for k, v in self.vit.state_dict().items()}
 
     def build(self, name: str):
         """The method in the last task (every task begun), on the device, and that task."""
@@ -264,6 +267,7 @@ class Setup:
         from methods.vit import PromptedViT
 
         cfg = self.cfgs[name]
+        self.vit.load_state_dict(self.vit_state)
         m = build_method(name, cfg, PromptedViT(self.vit), self.num_classes, cfg.benchmark.num_tasks)
         tasks = make_tasks(self.num_classes, cfg.benchmark.num_tasks)
         for t in tasks:
@@ -467,7 +471,7 @@ def loader_stage(s: Setup, result: Dict[str, Any], seconds: float, log: Callable
 
     a, dev = s.args, s.device
     name = s.methods[0]
-    cfg = s.cfgs[name]
+    cfg = s.paper_cfgs[name]
     img = s.vit.patch_embed.img_size[0]
     native = a.loader_image_size
     workers = a.loader_workers if a.loader_workers is not None else min(cfg.train.num_workers, os.cpu_count() or 1)
@@ -487,7 +491,8 @@ def loader_stage(s: Setup, result: Dict[str, Any], seconds: float, log: Callable
             tcfg = dataclasses.replace(cfg.train, num_workers=workers)
             n, t_first, t_start, epochs = 0, None, time.perf_counter(), 0
             t_end = t_start + seconds
-            while time.perf_counter() < t_end or (n == 0 and epochs < 3):  # at least one timed batch
+            # up to 4 epochs (fresh workers each, as the protocol's loaders), at least one timed batch
+            while (time.perf_counter() < t_end and epochs < 4) or (n == 0 and epochs < 4):
                 epochs += 1
                 t_epoch = time.perf_counter()
                 for i, (xb, _, _) in enumerate(make_loader(ds, batch, True, epochs, tcfg, drop_last=True, device=dev)):
@@ -761,6 +766,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader-image-size", type=int, default=None, help="JPEG width; height is 3/4 of it (default 400 on CUDA, 48 on CPU)")
     p.add_argument("--ref-root", default=None, help="folder of the authors' checkouts (l2p, dualprompt, coda, smope, hide or owner+name)")
     p.add_argument("--debug", action="store_true", help="print tracebacks of failing items")
+    p.add_argument("--quiet", action="store_true", help="no progress lines and no table on stdout")
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -798,7 +804,7 @@ def cli(args: argparse.Namespace) -> int:
     out = Path(args.out)
     result: Dict[str, Any] = {
         "schema": 1, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "complete": False,
-        "device": device_info(device, 8192 if cuda else 256),
+        "device": device_info(device, 8192 if cuda else 1024),
         "settings": {"budget_s": args.budget, "benchmark": args.benchmark, "precisions": args.precisions,
                      "compile": not args.no_compile, "compile_backend": args.compile_backend, "max_steps": args.max_steps,
                      "batch_size_override": args.batch_size, "methods": methods},
@@ -831,7 +837,8 @@ def cli(args: argparse.Namespace) -> int:
         reference_stage(s, result, share("refs"), log)
     result["complete"] = True
     checkpoint()
-    print(to_markdown(result))
+    if not args.quiet:
+        print(to_markdown(result))
     print(f"gpu-check written to {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {budget.elapsed():.0f}s", file=sys.stderr)
     return 0
 
