@@ -227,6 +227,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     jobs = [["run", "-b", "synthetic", "-m", m, "--preset", "quick", "--out", str(out / "runs"), "--seeds", str(s), "--quiet"]
             for m in demo_order(list_methods()) for s in args.seeds]
+    if getattr(args, "precision", None):  # opt-in bf16 autocast on the CPU (docs/speed.md says when it pays)
+        jobs = [j + ["--precision", args.precision] for j in jobs]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, min(len(jobs), cores))
     print(f"demo: {len(jobs)} runs (every method and baseline x seeds {' '.join(map(str, args.seeds))}, quick preset) "
@@ -312,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench.py", description="PromptCL-Bench: prompt-based continual learning, compared fairly.")
     parser.add_argument("--out", default="results/demo", help="demo output folder (no subcommand)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="demo seeds (no subcommand)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                        help="demo runs' precision (no subcommand; default: the preset's)")
     parser.add_argument("--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command")
 

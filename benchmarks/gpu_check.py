@@ -17,11 +17,12 @@ largest). Stages, each given a share of ``--budget`` seconds:
    (max and mean absolute difference, prediction agreement);
 2. **loader**: the paper train transform on synthetic JPEG files through the protocol's
    ``make_loader`` (workers, pinned memory), images/s;
-3. **compile**: the same steps with the backbone compiled as ``--compile`` compiles it
+3. **references** (``--ref-root``): the authors' code timed against ours on the same device by the
+   :mod:`benchmarks.refcompare` harness, one subprocess per reference;
+4. **compile**: the same steps with the backbone compiled as ``--compile`` compiles it
    (:func:`benchmarks.speed.compile_backbone`), compile seconds reported apart (first call minus
-   a steady call), bf16 first; items whose estimated time no longer fits are skipped and named;
-4. **references** (``--ref-root``): the authors' code timed against ours on the same device by the
-   :mod:`benchmarks.refcompare` harness, one subprocess per reference.
+   a steady call), bf16 first, methods before baselines; it takes what is left of the budget and
+   skips (and names) the methods whose estimated compile no longer fits.
 
 The number of timed steps of each item is scaled to its share of the budget (at most
 ``--max-steps``); the JSON and the Markdown table are rewritten after every stage, so a run cut
@@ -363,10 +364,12 @@ def eager_stage(s: Setup, result: Dict[str, Any], stage_s: float, log: Callable[
 
 
 def compile_stage(s: Setup, result: Dict[str, Any], log: Callable[[str], None]) -> None:
-    """bf16 first, then fp32: the training step of the last phase and the evaluation forward with
-    the backbone compiled; an item runs only if its estimated time (the longest compile seen so
-    far, or a first guess) fits in what is left of the budget."""
+    """bf16 first, then fp32, methods before baselines: the training step of the last phase and the
+    evaluation forward with the backbone compiled. A method runs only if its estimated time (the
+    longest compile seen so far, or a first guess) fits in what is left of the budget. FLOPs come
+    from the eager stage's count, or from one eager call here when that stage did not run."""
     from benchmarks.speed import InferBatch, TrainStep, compile_backbone
+    from methods.registry import get_method_class
 
     a, dev, peak, budget = s.args, s.device, result["device"]["peak"]["used_tflops"], s.budget
     _raise_dynamo_limits()
@@ -375,52 +378,63 @@ def compile_stage(s: Setup, result: Dict[str, Any], log: Callable[[str], None]) 
     seen: List[float] = []
     eager = {(r["method"], r["mode"], r["phase"], r["precision"]): r for r in result["runs"]
              if not r["compiled"] and "error" not in r}
-    order = [p for p in ("bf16", "fp32") if p in a.precisions]
-    for prec in order:
-        for name in s.methods:
+    names = sorted(s.methods, key=lambda m: bool(get_method_class(m).is_baseline))
+    for prec in [p for p in ("bf16", "fp32") if p in a.precisions]:
+        for name in names:
             need = max(seen) if seen else guess
-            reserve = budget.left() - s.reserve_s
-            if reserve < need:
+            left = budget.left() - s.reserve_s
+            if left < need:
                 result["skipped"].append({"stage": "compile", "method": name, "precision": prec,
-                                          "reason": f"budget: {reserve:.0f}s left, a compile takes about {need:.0f}s"})
+                                          "reason": f"budget: {left:.0f}s left, a compile takes about {need:.0f}s"})
                 continue
+            t_method = time.perf_counter()
+            rows: List[Tuple[Dict[str, Any], Callable[[], Any], Optional[Dict[str, Any]]]] = []
             try:
                 method, task = s.build(name)
                 phases = trainable_phases(method, task)
+                img = method.backbone.img_size
+                for mode, ph in ([("train", phases[-1])] if phases else []) + [("infer", None)]:
+                    row = {"stage": "compile", "method": name, "is_baseline": bool(method.is_baseline), "mode": mode,
+                           "phase": ph.name if ph is not None else None, "precision": prec, "compiled": True,
+                           "compile_backend": a.compile_backend}
+                    x, y = s.batch(name, mode == "train", img, task)
+                    fn = (TrainStep(method, task, x, y, s.cfgs[name].train, phase=ph, amp_dtype=amp_of(prec))
+                          if mode == "train" else InferBatch(method, x, amp_dtype=amp_of(prec)))
+                    base = eager.get((name, mode, row["phase"], prec))
+                    if base is None:  # no eager stage: count this step's FLOPs with one eager call
+                        _, fl = count_flops(fn)
+                        base = {"flops_per_step": fl}
+                    rows.append((row, fn, base))
                 compile_backbone(method.backbone, mode=a.compile_mode, backend=a.compile_backend)
             except Exception as e:
                 result["errors"].append({"stage": "compile", "method": name, "precision": prec, "error": _error(e)})
                 continue
-            img = method.backbone.img_size
-            jobs = ([("train", phases[-1])] if phases else []) + [("infer", None)]
-            for mode, ph in jobs:
-                row = {"stage": "compile", "method": name, "is_baseline": bool(method.is_baseline), "mode": mode,
-                       "phase": ph.name if ph is not None else None, "precision": prec, "compiled": True,
-                       "compile_backend": a.compile_backend}
-                base = eager.get((name, mode, row["phase"], prec))
-                share = min(budget.left() - s.reserve_s, 3 * base["median_s"] * min(a.max_steps, 20)) if base else 5.0
+            for row, fn, base in rows:
+                share = 3 * base["median_s"] * min(a.max_steps, 20) if "median_s" in base else 5.0
                 try:
-                    x, y = s.batch(name, mode == "train", img, task)
-                    fn = (TrainStep(method, task, x, y, s.cfgs[name].train, phase=ph, amp_dtype=amp_of(prec)) if mode == "train"
-                          else InferBatch(method, x, amp_dtype=amp_of(prec)))
-                    rec, _ = timed(fn, len(x), dev, max(share, 0.0), a.max_steps, flops=False)
+                    rec, _ = timed(fn, row_batch(fn), dev, max(0.0, min(share, budget.left() - s.reserve_s)),
+                                   a.max_steps, flops=False)
                     row.update(rec)
                     row["compile_s"] = max(0.0, rec["first_call_s"] - rec["median_s"])
-                    seen.append(row["compile_s"] + sum(rec["step_s"]))
-                    add_utilisation(row, base.get("flops_per_step") if base else None, peak)
-                    if base:
+                    add_utilisation(row, base.get("flops_per_step"), peak)
+                    if "img_s" in base:
                         row["speedup_vs_eager"] = row["img_s"] / base["img_s"]
-                    log(f"{name} {mode} {prec} compiled: {row['img_s']:.1f} img/s, compile {row['compile_s']:.1f}s")
+                    log(f"{name} {row['mode']} {prec} compiled: {row['img_s']:.1f} img/s, compile {row['compile_s']:.1f}s")
                 except Exception as e:
                     row["error"] = _error(e)
-                    log(f"{name} {mode} {prec} compiled: {row['error']}")
+                    log(f"{name} {row['mode']} {prec} compiled: {row['error']}")
                     if a.debug:
                         traceback.print_exc()
                 result["runs"].append(row)
+            seen.append(time.perf_counter() - t_method)
             _uncompile(method.backbone)
-            del method
+            del method, rows
             torch._dynamo.reset()  # each method's graphs are its own; keeps dynamo's cache small
             release(dev)
+
+
+def row_batch(fn: Any) -> int:
+    return len(fn.x)
 
 
 def _raise_dynamo_limits() -> None:
@@ -575,7 +589,11 @@ def _to_device(obj: Any, dev: torch.device, seen: set) -> Any:
         return obj
     seen.add(id(obj))
     if isinstance(obj, torch.nn.Module):
-        return obj.to(dev)
+        obj.to(dev)
+        for k, v in list(vars(obj).items()):  # plain tensor attributes (CODA's dw_k) are not buffers
+            if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+                setattr(obj, k, v.to(dev))
+        return obj
     if isinstance(obj, torch.Tensor):
         return obj.to(dev)
     if isinstance(obj, torch.device):
@@ -639,8 +657,7 @@ def ref_worker(argv: Sequence[str]) -> int:
     ours.train.method.to(dev)
     torch.manual_seed(0)
     ref = rc.reference_side(a.ref_worker, a.ref_dir, vit, x, y)
-    if dev.type != "cpu":
-        move_side(ref, dev, a.ref_dir)
+    move_side(ref, dev, a.ref_dir)  # on the CPU a no-op move, which keeps this path exercised
     bf16_train = copy.copy(ours.train)
     bf16_train.amp_dtype = torch.bfloat16
     fns = {"train": {"ours": ours.train, "reference": ref.train, "ours_bf16": bf16_train},
@@ -757,6 +774,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="one batch size for training and inference (default: the paper preset's)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile stage")
+    p.add_argument("--stages", default="eager,loader,refs,compile",
+                   help="comma-separated subset of eager, loader, refs (with --ref-root), compile")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor; eager only checks tracing)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's)")
     p.add_argument("--max-steps", type=int, default=50, help="most timed steps per item")
@@ -781,6 +800,9 @@ def cli(args: argparse.Namespace) -> int:
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     if not args.precisions or any(p not in ("fp32", "bf16") for p in args.precisions):
         raise ConfigError("--precisions takes fp32, bf16 or both, comma-separated")
+    args.stages = [st.strip() for st in args.stages.split(",") if st.strip()]
+    if not args.stages or any(st not in ("eager", "loader", "refs", "compile") for st in args.stages):
+        raise ConfigError("--stages takes eager, loader, refs and compile, comma-separated")
     if args.ref_root and not Path(args.ref_root).is_dir():
         raise ConfigError(f"--ref-root {args.ref_root} is not a folder")
     from benchmarks.protocol import resolve_device
@@ -815,10 +837,14 @@ def cli(args: argparse.Namespace) -> int:
     s.budget, s.reserve_s = budget, 3.0  # seconds kept for writing the outputs
     result["settings"].update(backbone=s.backbone, preset=s.preset, train_batch=s.train_batch, infer_batch=s.infer_batch)
     # stage shares of what is left when the stage starts
-    weights = {"eager": 5.0, "loader": 0.6, "compile": 0.0 if args.no_compile else 4.0, "refs": 3.0 if args.ref_root else 0.0}
+    stages = [st for st in args.stages if not (st == "compile" and args.no_compile) and not (st == "refs" and not args.ref_root)]
+    result["settings"]["stages"] = stages
+    weights = {k: w for k, w in (("eager", 5.0), ("loader", 0.6), ("refs", 3.0), ("compile", 4.0)) if k in stages}
 
     def share(stage: str) -> float:
         keys = list(weights)
+        if stage not in keys:
+            return 0.0
         rest = sum(weights[k] for k in keys[keys.index(stage):])
         return max(0.0, budget.left() - s.reserve_s) * weights[stage] / rest if rest else 0.0
 
@@ -826,15 +852,18 @@ def cli(args: argparse.Namespace) -> int:
         result["elapsed_s"] = budget.elapsed()
         write(out, result)
 
-    eager_stage(s, result, share("eager"), log)
-    checkpoint()
-    loader_stage(s, result, share("loader"), log)
-    checkpoint()
-    if not args.no_compile:
-        compile_stage(s, result, log)
+    # the compile stage last: it takes what is left, skipping (and naming) what no longer fits
+    if "eager" in stages:
+        eager_stage(s, result, share("eager"), log)
         checkpoint()
-    if args.ref_root:
+    if "loader" in stages:
+        loader_stage(s, result, share("loader"), log)
+        checkpoint()
+    if "refs" in stages:
         reference_stage(s, result, share("refs"), log)
+        checkpoint()
+    if "compile" in stages:
+        compile_stage(s, result, log)
     result["complete"] = True
     checkpoint()
     if not args.quiet:
