@@ -490,6 +490,9 @@ def loader_stage(s: Setup, result: Dict[str, Any], seconds: float, log: Callable
     native = a.loader_image_size
     workers = a.loader_workers if a.loader_workers is not None else min(cfg.train.num_workers, os.cpu_count() or 1)
     batch = s.train_batch[name]
+    if s.budget.left() - s.reserve_s < 2.0:
+        result["skipped"].append({"stage": "loader", "reason": f"budget: {s.budget.left():.0f}s left"})
+        return
     rec: Dict[str, Any] = {"transform_of": name, "benchmark": a.benchmark, "workers": workers, "batch": batch,
                            "jpeg_size": [native * 3 // 4, native], "images": a.loader_images,
                            "cpu_cores": os.cpu_count(), "pin_memory": dev.type == "cuda"}
@@ -506,7 +509,7 @@ def loader_stage(s: Setup, result: Dict[str, Any], seconds: float, log: Callable
             n, t_first, t_start, epochs = 0, None, time.perf_counter(), 0
             t_end = t_start + seconds
             # up to 4 epochs (fresh workers each, as the protocol's loaders), at least one timed batch
-            while (time.perf_counter() < t_end and epochs < 4) or (n == 0 and epochs < 4):
+            while epochs < 4 and (time.perf_counter() < t_end or (n == 0 and s.budget.left() > s.reserve_s)):
                 epochs += 1
                 t_epoch = time.perf_counter()
                 for i, (xb, _, _) in enumerate(make_loader(ds, batch, True, epochs, tcfg, drop_last=True, device=dev)):
@@ -516,7 +519,7 @@ def loader_stage(s: Setup, result: Dict[str, Any], seconds: float, log: Callable
                         t_count = time.perf_counter()
                         continue
                     n += len(xb)
-                    if time.perf_counter() >= t_end and n:
+                    if time.perf_counter() >= t_end and (n or s.budget.left() <= s.reserve_s):
                         break
             synchronize(dev)
             dt = time.perf_counter() - t_count if t_first is not None else 0.0
