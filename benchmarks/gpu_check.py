@@ -271,6 +271,7 @@ class Setup:
         self.vit.load_state_dict(self.vit_state)
         m = build_method(name, cfg, PromptedViT(self.vit), self.num_classes, cfg.benchmark.num_tasks)
         tasks = make_tasks(self.num_classes, cfg.benchmark.num_tasks)
+        m.to(self.device)  # as a run: the method is on its device when its tasks begin
         for t in tasks:
             m.begin_task(t)
         return m.to(self.device), tasks[-1]
@@ -774,14 +775,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", action="append", help="methods / baselines, comma-separated (default: all)")
     p.add_argument("-b", "--benchmark", default="imagenet_r", help="benchmark of the method configs (class and task counts)")
     p.add_argument("--backbone", default=None, help=f"default {CUDA_BACKBONE} on CUDA, {CPU_BACKBONE} on CPU")
-    p.add_argument("--batch-size", type=int, default=None, help="one batch size for training and inference (default: the paper preset's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="one batch size for training and inference (default: the paper preset's; 8 in the CPU mode)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile stage")
     p.add_argument("--stages", default="eager,loader,refs,compile",
                    help="comma-separated subset of eager, loader, refs (with --ref-root), compile")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor; eager only checks tracing)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's)")
-    p.add_argument("--max-steps", type=int, default=50, help="most timed steps per item")
+    p.add_argument("--max-steps", type=int, default=None, help="most timed steps per item (default 50; 3 on the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--loader-images", type=int, default=None, help="synthetic JPEG files (default 768 on CUDA, 8 on CPU)")
     p.add_argument("--loader-workers", type=int, default=None, help="loader workers (default: the preset's, at most the cores)")
@@ -798,7 +800,7 @@ def cli(args: argparse.Namespace) -> int:
     if miss:
         raise ConfigError(f"gpu-check needs the Python package{'s' if len(miss) > 1 else ''} {', '.join(miss)}, "
                           f"which {'are' if len(miss) > 1 else 'is'} not installed (pip install {' '.join(miss)})")
-    if args.budget <= 0 or args.max_steps < 1 or (args.batch_size is not None and args.batch_size < 1):
+    if args.budget <= 0 or (args.max_steps is not None and args.max_steps < 1) or (args.batch_size is not None and args.batch_size < 1):
         raise ConfigError("--budget, --max-steps and --batch-size must be positive")
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     if not args.precisions or any(p not in ("fp32", "bf16") for p in args.precisions):
@@ -814,6 +816,9 @@ def cli(args: argparse.Namespace) -> int:
         raise ConfigError("gpu-check found no CUDA device; pass --device cpu for the tiny CPU mode")
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
+    if not cuda and args.backbone is None:  # the tiny CPU mode: micro ViT, small batches, few steps
+        args.batch_size = args.batch_size or 8
+    args.max_steps = args.max_steps or (50 if cuda else 3)
     args.loader_images = args.loader_images or (768 if cuda else 8)
     args.loader_image_size = args.loader_image_size or (400 if cuda else 48)
     try:
