@@ -561,14 +561,15 @@ def reference_stage(s: Setup, result: Dict[str, Any], stage_s: float, log: Calla
         batch = a.batch_size or resolve_method_config(ours, "cifar100", "paper", {})[0].train.batch_size
         if path is None:
             rec["error"] = f"no checkout of {repo} under {root} (looked for {key}, {ours}, {repo.replace('/', '+')})"
-        elif share < 20:
+        elif share < 12:  # a worker's start (imports, two ViT-B/16 built on the CPU) alone takes about 10 s
             rec["skipped"] = f"budget: {share:.0f}s left for it"
         else:
             rec["path"], rec["batch"] = str(path), batch
             with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
                 cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--ref-worker", key, "--ref-dir", str(path),
-                       "--device", str(s.device), "--batch", str(batch), "--seconds", str(0.6 * share), "--json", out.name]
-                env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+                       "--device", str(s.device), "--batch", str(batch), "--seconds", str(max(2.0, 0.3 * share)), "--json", out.name]
+                root_dir = str(Path(__file__).resolve().parents[1])
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root_dir, os.environ.get("PYTHONPATH")) if p))
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
                 try:
                     _, err = proc.communicate(timeout=share)

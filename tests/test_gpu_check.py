@@ -112,6 +112,18 @@ def test_precision_and_loader_and_missing_references(cpu_check):
     assert "no checkout of thu-ml/HiDe-Prompt" in refs["hide"]["error"]
 
 
+def test_reference_checkouts_are_found_under_any_of_their_names(tmp_path):
+    from benchmarks.gpu_check import find_reference
+
+    for d in ("l2p", "coda_prompt", "Minhchuyentoancbn+SMoPE", "dualprompt-pytorch"):
+        (tmp_path / d).mkdir()
+    assert find_reference(tmp_path, "l2p", "l2p", "JH-LEE-KR/l2p-pytorch") == tmp_path / "l2p"
+    assert find_reference(tmp_path, "coda", "coda_prompt", "GT-RIPL/CODA-Prompt") == tmp_path / "coda_prompt"
+    assert find_reference(tmp_path, "smope", "smope", "Minhchuyentoancbn/SMoPE") == tmp_path / "Minhchuyentoancbn+SMoPE"
+    assert find_reference(tmp_path, "dualprompt", "dualprompt", "JH-LEE-KR/dualprompt-pytorch") == tmp_path / "dualprompt-pytorch"
+    assert find_reference(tmp_path, "hide", "hide_prompt", "thu-ml/HiDe-Prompt") is None
+
+
 def test_logit_difference_by_hand():
     from benchmarks.gpu_check import logit_difference
 
