@@ -405,10 +405,24 @@ COMMANDS = {
 }
 
 
+# pip names of the modules whose import name differs
+_PIP_NAMES = {"yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow"}
+
+
+def missing_package(e: ModuleNotFoundError) -> str:
+    """One sentence naming the package a command needs and this machine lacks."""
+    mod = (e.name or str(e)).split(".")[0]
+    return f"error: this command needs the Python package '{mod}', which is not installed (pip install {_PIP_NAMES.get(mod, mod)})."
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from benchmarks.distributed import env_rank
-    from benchmarks.protocol import NonFiniteLossError
-    from benchmarks.runner import RunInterrupted
+    try:
+        from benchmarks.distributed import env_rank
+        from benchmarks.protocol import NonFiniteLossError
+        from benchmarks.runner import RunInterrupted
+    except ModuleNotFoundError as e:  # e.g. a bare GPU machine without timm
+        print(missing_package(e), file=sys.stderr, flush=True)
+        return EXIT_USAGE
 
     args = build_parser().parse_args(argv)
     say = env_rank() == 0  # under torchrun every rank fails alike; rank 0 tells the user
@@ -431,6 +445,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         tell("interrupted")
         return 130
+    except ModuleNotFoundError as e:  # an optional package (fvcore for FLOP counts, submitit for slurm ...)
+        tell(missing_package(e))
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

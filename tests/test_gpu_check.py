@@ -182,3 +182,16 @@ def test_user_errors_exit_2(tmp_path, monkeypatch, capsys):
     assert err == ["error: --precisions takes fp32, bf16 or both, comma-separated.",
                    "error: gpu-check found no CUDA device; pass --device cpu for the tiny CPU mode."]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_missing_package_is_named_in_one_sentence(tmp_path, monkeypatch, capsys):
+    """`bench.py cost` counts FLOPs with fvcore: without it, one sentence and status 2, no outputs."""
+    import bench
+
+    for name in [m for m in sys.modules if m == "fvcore" or m.startswith("fvcore.")] + ["fvcore"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    out = tmp_path / "cost"
+    assert bench.main(["cost", "-b", "synthetic", "-m", "linear_probe", "--preset", "quick", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: this command needs the Python package 'fvcore', which is not installed (pip install fvcore)."]
+    assert not out.exists()
