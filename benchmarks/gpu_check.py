@@ -491,16 +491,17 @@ def loader_stage(s: Setup, result: Dict[str, Any], seconds: float, log: Callable
     native = a.loader_image_size
     workers = a.loader_workers if a.loader_workers is not None else min(cfg.train.num_workers, os.cpu_count() or 1)
     batch = s.train_batch[name]
+    n_images = max(a.loader_images, 4 * batch)  # an epoch's first batch is not timed: at least 3 more
     if s.budget.left() - s.reserve_s < 2.0:
         result["skipped"].append({"stage": "loader", "reason": f"budget: {s.budget.left():.0f}s left"})
         return
     rec: Dict[str, Any] = {"transform_of": name, "benchmark": a.benchmark, "workers": workers, "batch": batch,
-                           "jpeg_size": [native * 3 // 4, native], "images": a.loader_images,
+                           "jpeg_size": [native * 3 // 4, native], "images": n_images,
                            "cpu_cores": os.cpu_count(), "pin_memory": dev.type == "cuda"}
     try:
         with tempfile.TemporaryDirectory(prefix="gpu-check-jpeg-") as tmp:
             t0 = time.perf_counter()
-            paths = write_jpegs(Path(tmp), a.loader_images, (native * 3 // 4, native))
+            paths = write_jpegs(Path(tmp), n_images, (native * 3 // 4, native))
             rec["write_s"] = time.perf_counter() - t0
             rec["train_transform"] = resolve_transform_names(cfg.benchmark, img, native)[0]
             tf = build_transform(cfg.benchmark, img, native, train=True)
@@ -787,7 +788,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's)")
     p.add_argument("--max-steps", type=int, default=None, help="most timed steps per item (default 50; 3 on the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--loader-images", type=int, default=None, help="synthetic JPEG files (default 768 on CUDA, 8 on CPU)")
+    p.add_argument("--loader-images", type=int, default=None, help="synthetic JPEG files (default 768 on CUDA, 8 on CPU; at least 4 batches)")
     p.add_argument("--loader-workers", type=int, default=None, help="loader workers (default: the preset's, at most the cores)")
     p.add_argument("--loader-image-size", type=int, default=None, help="JPEG width; height is 3/4 of it (default 400 on CUDA, 48 on CPU)")
     p.add_argument("--ref-root", default=None, help="folder of the authors' checkouts (l2p, dualprompt, coda, smope, hide or owner+name)")
