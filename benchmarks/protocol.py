@@ -154,7 +154,11 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
 
     * ``constant``;
     * ``cosine``: per-iteration cosine from lr to ``min_lr`` after ``warmup_epochs`` of linear warm-up;
-    * ``coda_cosine``: per epoch e of K, lr·cos(99π·e / (200·(K−1))) (CODA-Prompt, SMoPE-CUB);
+    * ``coda_cosine``: per epoch e (0-based) of K, lr·cos(99π·max(e−1, 0) / (200·(K−1)))
+      (CODA-Prompt, SMoPE-CUB, VQ-Prompt-CUB). The reference ``CosineSchedule`` sets the base lr in
+      its constructor and resets ``last_epoch`` to −1, and ``learners/default.py`` calls
+      ``scheduler.step()`` at the start of every epoch after the first: epochs 0 and 1 both run at
+      the base lr, epoch e ≥ 1 at the cosine's entry e − 1 (GT-RIPL/CODA-Prompt ``utils/schedulers.py``);
     * ``coswm``: SMoPE's ``CosineSchedulerIter``: ``min_lr`` for ``freeze_iters`` iterations,
       then a cosine to ``min_lr`` over ``iter_step·epochs − freeze_iters`` iterations, where
       ``iter_step`` is the config's assumed iterations per epoch (the real count if unset); past
@@ -171,7 +175,7 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
         return tcfg.gamma ** sum(1 for m in tcfg.milestones if epoch >= m)
     if s == "coda_cosine":
         k = tcfg.epochs
-        return math.cos(99 * math.pi * epoch / (200 * (k - 1))) if k > 1 else 1.0
+        return math.cos(99 * math.pi * max(epoch - 1, 0) / (200 * (k - 1))) if k > 1 else 1.0
     floor = tcfg.min_lr / base_lr if base_lr > 0 else 0.0
     if s == "cosine":
         warm = tcfg.warmup_epochs * steps_per_epoch
