@@ -108,3 +108,22 @@ def test_train_transform_has_the_reference_crop_and_interpolation(cell):
     assert tuple(rrc[0].ratio) == pytest.approx((3 / 4, 4 / 3))
     assert any(isinstance(op, v2.RandomHorizontalFlip) for op in ops)
     assert any(isinstance(op, v2.ColorJitter) for op in ops) == jitter
+
+
+# drop_last of the training loader: CODA-Prompt trainer.py (train_loader ... drop_last=True), and
+# the SMoPE / VQ-Prompt forks of it; l2p-pytorch / dualprompt-pytorch / HiDe-Prompt datasets.py
+# build the training DataLoader without drop_last (False)
+DROP_LAST = {
+    ("coda_prompt", "coda"): True, ("coda_prompt", "paper"): True,
+    ("l2p", "coda"): True, ("dualprompt", "coda"): True,
+    ("finetune", "paper"): True, ("joint", "paper"): True,
+    ("smope", "paper"): True, ("vq_prompt", "paper"): True,
+    ("l2p", "paper"): False, ("dualprompt", "paper"): False, ("hide_prompt", "paper"): False,
+}
+
+
+@pytest.mark.parametrize("cell", sorted(DROP_LAST), ids=lambda c: "-".join(c))
+@pytest.mark.parametrize("bench", ["cifar100", "imagenet_r"])
+def test_drop_last_follows_the_reference_trainer(cell, bench):
+    method, preset = cell
+    assert resolve_config(method, bench, preset).train.drop_last is DROP_LAST[cell]
