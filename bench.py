@@ -291,7 +291,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=0.01 method.pool_size=20")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="fp32 (default, as the reference codes) or bf16 autocast (opt-in; auto = bf16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     p.add_argument("--no-query-cache", action="store_true", help="recompute the query pass every time")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")

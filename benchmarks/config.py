@@ -101,7 +101,9 @@ class RunConfig:
     preset: str = "quick"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    # fp32 (default: every reference code runs fp32) | bf16 (autocast; explicit opt-in, measured
+    # effect in docs/speed.md) | auto (bf16 on CUDA, fp32 on CPU; also an opt-in)
+    precision: str = "fp32"
     compile: bool = False
     query_cache: bool = True
     quiet: bool = False

@@ -23,7 +23,8 @@ Decisions that every method shares live here, once:
 * data parallelism (``RunContext.dist``, see ``benchmarks/distributed.py``): each rank trains on
   its slice of the same global batches with gradients summed over ranks, and evaluates a shard
   of each test set;
-* bf16 autocast on CUDA (``precision``), fp32 on CPU.
+* precision: fp32 by default, as every reference; bf16 autocast only on request
+  (``precision: bf16``, or ``auto`` = bf16 on CUDA), see docs/speed.md for its measured effect.
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype, or None for fp32."""
+    """Autocast dtype, or None for fp32 (the default; bf16 and auto are explicit opt-ins)."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if precision == "fp32":

@@ -127,3 +127,29 @@ DROP_LAST = {
 def test_drop_last_follows_the_reference_trainer(cell, bench):
     method, preset = cell
     assert resolve_config(method, bench, preset).train.drop_last is DROP_LAST[cell]
+
+
+# --- precision: every reference runs fp32 -------------------------------------------------------
+
+PAPER_CODA = [(m, p) for m in ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "smope", "vq_prompt",
+                               "finetune", "joint", "linear_probe", "ncm") for p in ("paper", "coda")]
+
+
+@pytest.mark.parametrize("cell", PAPER_CODA, ids=lambda c: "-".join(c))
+def test_paper_and_coda_presets_run_fp32_unless_bf16_is_asked_for(cell):
+    from benchmarks.protocol import resolve_precision
+
+    method, preset = cell
+    cfg = resolve_config(method, "cifar100", preset)
+    assert cfg.precision == "fp32"
+    # fp32 means no autocast on any device, CUDA included
+    assert resolve_precision(cfg.precision, torch.device("cuda")) is None
+    opt_in = resolve_config(method, "cifar100", preset, {"precision": "bf16"})
+    assert resolve_precision(opt_in.precision, torch.device("cpu")) is torch.bfloat16
+
+
+def test_result_records_the_precision_that_ran(tiny_run):
+    fp32 = tiny_run("linear_probe", {"train": {"epochs": 1}})
+    bf16 = tiny_run("linear_probe", {"train": {"epochs": 1}, "precision": "bf16"}, out=None, seed=1)
+    assert (fp32["config"]["precision"], fp32["env"]["precision"]) == ("fp32", "fp32")
+    assert (bf16["config"]["precision"], bf16["env"]["precision"]) == ("bf16", "bf16")
