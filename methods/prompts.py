@@ -20,18 +20,26 @@ def cosine_similarity_matrix(query: Tensor, keys: Tensor) -> Tensor:
 def select_topk(scores: Tensor, k: int, batchwise: bool = False) -> Tensor:
     """Indices (B, k) of the k highest scores per sample.
 
-    ``batchwise=True`` is the l2p-pytorch / dualprompt-pytorch majority vote: every sample gets
-    the k ids picked most often across the batch (ties broken by the smaller id). It makes the
-    prediction of a sample depend on the other samples of its batch, so it exists only as an
-    explicit, labelled option (DESIGN.md §4).
+    ``batchwise=True`` is the l2p-pytorch / dualprompt-pytorch majority vote (``prompt.py``),
+    computed with their exact calls so that the same scores give the same ids on the same device:
+    ``torch.unique(idx, return_counts=True, sorted=True)``; when fewer than ``pool_size`` ids were
+    picked, the ids are padded with the smallest picked id and the counts with 0 (their port of
+    ``jnp.unique(size=..., fill_value=min)``); then ``torch.topk(counts, k)`` picks the ids, in
+    torch.topk's order (ties are broken by torch.topk, not by id). Every sample gets those k ids. It
+    makes the prediction of a sample depend on the other samples of its batch, so it exists only as
+    an explicit, labelled option (DESIGN.md §4).
     """
     idx = scores.topk(k, dim=1).indices
     if not batchwise:
         return idx
-    counts = torch.bincount(idx.flatten(), minlength=scores.shape[1])
-    # stable order: most frequent first, then smaller id (as torch.unique's sorted output does)
-    order = sorted(range(scores.shape[1]), key=lambda i: (-int(counts[i]), i))[:k]
-    return torch.tensor(order, device=scores.device).expand(scores.shape[0], k)
+    pool_size = scores.shape[1]
+    ids, counts = torch.unique(idx, return_counts=True, sorted=True)
+    if ids.shape[0] < pool_size:
+        pad = pool_size - ids.shape[0]
+        ids = torch.cat([ids, torch.full((pad,), int(idx.min()), dtype=ids.dtype, device=ids.device)])
+        counts = torch.cat([counts, torch.zeros(pad, dtype=counts.dtype, device=counts.device)])
+    major = torch.topk(counts, k=k).indices
+    return ids[major].expand(scores.shape[0], -1)
 
 
 def gram_schmidt(new: Tensor, existing: Optional[Tensor] = None) -> Tensor:
