@@ -67,3 +67,27 @@ def uniform_parameter(*shape: int, low: float = 0.0, high: float = 1.0) -> nn.Pa
     p = nn.Parameter(torch.empty(*shape))
     nn.init.uniform_(p, low, high)
     return p
+
+
+HEAD_INITS = ("torch", "timm", "zeros")
+
+
+def init_head(head: nn.Linear, mode: str) -> nn.Linear:
+    """Initialise a classifier head as the method's reference does.
+
+    * ``torch``: PyTorch's own ``nn.Linear`` init (kaiming-uniform weight and U(±1/√D) bias): the
+      CODA-Prompt code base (``models/zoo.py`` ``self.last = nn.Linear(768, C)``), SMoPE, VQ-Prompt;
+    * ``timm``: trunc_normal(std 0.02) weight and zero bias: the head the JH-LEE-KR ports and
+      HiDe-Prompt build inside their VisionTransformer, whose ``init_weights`` applies timm's
+      ``init_weights_vit_timm`` to every Linear (the head is not in the ViT checkpoint);
+    * ``zeros``: the JAX L2P / DualPrompt head (flax ``Dense`` with zero init).
+    """
+    if mode == "timm":
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+    elif mode == "zeros":
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    elif mode != "torch":
+        raise ValueError(f"unknown head init '{mode}'; use {', '.join(HEAD_INITS)}")
+    return head
