@@ -119,7 +119,33 @@ def resolve_all(args: argparse.Namespace, benches: List[str], methods: List[str]
 
 # --- commands ------------------------------------------------------------------------------
 
+def cmd_list_presets(args: argparse.Namespace) -> int:
+    """``list presets [--resolved]``: preset names, or every resolved cell with its sources."""
+    from benchmarks.config import ConfigError, available_presets
+    from benchmarks.datasets import list_datasets
+    from benchmarks.preset_listing import render_markdown, render_table, resolved_cells
+    from methods.registry import list_methods
+
+    def names(values, known, what):
+        out = [n.strip() for v in (values or []) for n in v.split(",") if n.strip()]
+        unknown = [n for n in out if n not in known]
+        if unknown:
+            raise ConfigError(f"unknown {what} '{unknown[0]}'; choose from {', '.join(known)}")
+        return out or None
+
+    if not args.resolved:
+        for p in available_presets():
+            print(p)
+        return 0
+    cells = resolved_cells(names(args.method, list_methods(), "method"), names(args.preset, available_presets(), "preset"),
+                           names(args.benchmark, list_datasets(), "benchmark"))
+    print(render_markdown(cells) if args.markdown else render_table(cells), end="" if args.markdown else "\n")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    if getattr(args, "what", None) == "presets" or getattr(args, "resolved", False):
+        return cmd_list_presets(args)
     from benchmarks.config import available_presets
     from benchmarks.datasets import _DEFAULT_TASKS, list_datasets
     from methods.backbones import MICRO_CONFIGS
@@ -301,7 +327,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=0.01 method.pool_size=20")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="fp32 (default, as the reference codes) or bf16 autocast (opt-in; auto = bf16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     p.add_argument("--no-query-cache", action="store_true", help="recompute the query pass every time")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
@@ -319,7 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command")
 
-    sub.add_parser("list", help="list methods, baselines, benchmarks, presets, backbones")
+    p = sub.add_parser("list", help="list methods, baselines, benchmarks, presets, backbones")
+    p.add_argument("what", nargs="?", choices=["presets"], help="presets: the presets (with --resolved, every cell)")
+    p.add_argument("--resolved", action="store_true",
+                   help="per method x preset x benchmark: the effective settings and the preset file of each")
+    p.add_argument("-m", "--method", action="append", help="only these methods (comma-separated)")
+    p.add_argument("-b", "--benchmark", action="append", help="only these benchmarks (comma-separated)")
+    p.add_argument("--preset", action="append", help="only these presets (comma-separated)")
+    p.add_argument("--markdown", action="store_true", help="the full docs/presets.md text")
 
     p = sub.add_parser("run", help="train and evaluate methods on a benchmark")
     add_run_options(p)

@@ -23,7 +23,8 @@ Decisions that every method shares live here, once:
 * data parallelism (``RunContext.dist``, see ``benchmarks/distributed.py``): each rank trains on
   its slice of the same global batches with gradients summed over ranks, and evaluates a shard
   of each test set;
-* bf16 autocast on CUDA (``precision``), fp32 on CPU.
+* precision: fp32 by default, as every reference; bf16 autocast only on request
+  (``precision: bf16``, or ``auto`` = bf16 on CUDA), see docs/speed.md for its measured effect.
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype, or None for fp32."""
+    """Autocast dtype, or None for fp32 (the default; bf16 and auto are explicit opt-ins)."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if precision == "fp32":
@@ -154,7 +155,11 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
 
     * ``constant``;
     * ``cosine``: per-iteration cosine from lr to ``min_lr`` after ``warmup_epochs`` of linear warm-up;
-    * ``coda_cosine``: per epoch e of K, lr·cos(99π·e / (200·(K−1))) (CODA-Prompt, SMoPE-CUB);
+    * ``coda_cosine``: per epoch e (0-based) of K, lr·cos(99π·max(e−1, 0) / (200·(K−1)))
+      (CODA-Prompt, SMoPE-CUB, VQ-Prompt-CUB). The reference ``CosineSchedule`` sets the base lr in
+      its constructor and resets ``last_epoch`` to −1, and ``learners/default.py`` calls
+      ``scheduler.step()`` at the start of every epoch after the first: epochs 0 and 1 both run at
+      the base lr, epoch e ≥ 1 at the cosine's entry e − 1 (GT-RIPL/CODA-Prompt ``utils/schedulers.py``);
     * ``coswm``: SMoPE's ``CosineSchedulerIter``: ``min_lr`` for ``freeze_iters`` iterations,
       then a cosine to ``min_lr`` over ``iter_step·epochs − freeze_iters`` iterations, where
       ``iter_step`` is the config's assumed iterations per epoch (the real count if unset); past
@@ -171,7 +176,7 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
         return tcfg.gamma ** sum(1 for m in tcfg.milestones if epoch >= m)
     if s == "coda_cosine":
         k = tcfg.epochs
-        return math.cos(99 * math.pi * epoch / (200 * (k - 1))) if k > 1 else 1.0
+        return math.cos(99 * math.pi * max(epoch - 1, 0) / (200 * (k - 1))) if k > 1 else 1.0
     floor = tcfg.min_lr / base_lr if base_lr > 0 else 0.0
     if s == "cosine":
         warm = tcfg.warmup_epochs * steps_per_epoch
@@ -241,6 +246,11 @@ class QueryCache:
         self.hits = 0
         self.misses = 0
 
+    def complete(self, key: Tuple[str, int], size: int) -> bool:
+        """True when every one of the ``size`` samples of ``key`` has its query stored."""
+        filled = self.filled.get(key)
+        return self.enabled and filled is not None and len(filled) == size and bool(filled.all())
+
     def get(self, key: Tuple[str, int], size: int, idx: Tensor, x: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
         if not self.enabled:
             self.misses += len(idx)
@@ -257,6 +267,20 @@ class QueryCache:
         self.filled[key][idx] = True
         self.misses += len(idx)
         return q
+
+
+class LabelsOnly(Dataset):
+    """``(empty tensor, label, index)`` of a TaskDataset: a phase that needs only the cached query
+    features (``Phase.needs_images`` False) iterates it instead of loading and transforming images."""
+
+    def __init__(self, dataset: TaskDataset) -> None:
+        self.labels = dataset.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return torch.zeros(0), int(self.labels[i]), i
 
 
 # --- the run context -----------------------------------------------------------------------
@@ -411,7 +435,12 @@ def train_phase(method: ContinualMethod, run: RunContext, task: Task, phase: Pha
     for epoch in range(start_epoch, tcfg.epochs):
         seed = derive_seed(cfg.seed, task.index, phase_idx, epoch)
         seed_everything(seed)
-        loader = make_loader(dataset, bs, True, seed, tcfg, drop_last=drop, device=run.device, shard=shard)
+        # A features-only phase (Phase.needs_images False, e.g. HiDe's TII network) whose training
+        # queries are all cached reads no image: same sampler and seed, so the same batches.
+        features_only = (not phase.needs_images and use_query and cacheable
+                         and run.cache.complete(("train", task.index), len(dataset)))
+        source: Dataset = LabelsOnly(dataset) if features_only else dataset
+        loader = make_loader(source, bs, True, seed, tcfg, drop_last=drop, device=run.device, shard=shard)
         batches = iter(loader)
         first = start_batch if epoch == start_epoch else 0
         if first:

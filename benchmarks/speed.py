@@ -3,8 +3,8 @@ the perf suite (a training step exactly as the protocol runs it, an inference ba
 
 What makes a run fast, and where it lives (docs/speed.md has the measurements):
 
-* bf16 autocast on CUDA by default (``precision: auto``; ``benchmarks/protocol.py``
-  ``resolve_precision``), fp32 on CPU or with ``--precision fp32``; ``env.precision`` records it;
+* fp32 by default, as the reference codes; bf16 autocast on request (``--precision bf16``, or
+  ``auto`` = bf16 on CUDA; ``benchmarks/protocol.py`` ``resolve_precision``); ``env.precision`` records it;
 * frozen backbone weights have ``requires_grad=False`` (``methods/vit.py``), so backward computes
   only input gradients through them, never weight gradients;
 * fused attention (``F.scaled_dot_product_attention``) in every pass, prefixes included;

@@ -43,13 +43,47 @@ def test_lr_batch_scaling_rule():
     assert scaled_lr(TrainConfig(lr=0.03, batch_size=16)) == 0.03
 
 
-def test_coda_cosine_schedule_closed_form():
-    t = TrainConfig(schedule="coda_cosine", epochs=20)
-    for e in (0, 5, 19):
-        expect = math.cos(99 * math.pi * e / (200 * 19))
-        assert schedule_factor(t, e * 10, 10, 1e-3) == pytest.approx(expect)
-    # ends at about 1.6% of the base lr (baselines.md §3.3)
-    assert schedule_factor(t, 190, 10, 1e-3) == pytest.approx(0.0157, abs=1e-3)
+def test_coda_cosine_schedule_matches_the_reference_loop():
+    """CODA-Prompt's CosineSchedule (utils/schedulers.py) calls step(0) in its constructor (lr =
+    base·cos(0)) and then sets last_epoch = -1; learners/default.py steps it at the start of every
+    epoch e > 0, so epoch e runs with last_epoch = e - 1 for e >= 1 and at the base lr for e = 0.
+    K = 4 epochs, denominator 200·(K-1) = 600, by hand:
+      e=0: base; e=1: last_epoch 0 -> cos(0) = 1; e=2: cos(99π/600) = cos(29.7°);
+      e=3: cos(198π/600) = cos(59.4°)."""
+    t = TrainConfig(schedule="coda_cosine", epochs=4)
+    expect = [1.0, 1.0, math.cos(math.radians(29.7)), math.cos(math.radians(59.4))]
+    for e, want in enumerate(expect):
+        for it in (e * 10, e * 10 + 9):  # constant within the epoch
+            assert schedule_factor(t, it, 10, 1e-3) == pytest.approx(want, rel=1e-12)
+    assert expect[2] == pytest.approx(0.86863, abs=1e-5) and expect[3] == pytest.approx(0.50904, abs=1e-5)
+
+    # K = 20: the last epoch (19) runs at cos(99π·18/3800) = cos(84.4105°) ≈ 9.74% of the base lr
+    # (the suite before this fix used e instead of e - 1 and ended at cos(99π·19/3800) ≈ 1.6%)
+    t20 = TrainConfig(schedule="coda_cosine", epochs=20)
+    assert schedule_factor(t20, 19 * 10, 10, 1e-3) == pytest.approx(math.cos(math.radians(99 * 18 * 180 / 3800)), rel=1e-12)
+    assert schedule_factor(t20, 19 * 10, 10, 1e-3) == pytest.approx(0.0974, abs=1e-4)
+    assert schedule_factor(t20, 10, 10, 1e-3) == 1.0  # epoch 1 still at the base lr
+
+    # one epoch: the reference never steps; the denominator would be 0
+    assert schedule_factor(TrainConfig(schedule="coda_cosine", epochs=1), 3, 10, 1e-3) == 1.0
+
+
+def test_coda_cosine_schedule_equals_a_stand_in_of_the_reference_scheduler():
+    """The reference's scheduler semantics, written out: constructor sets lr(last_epoch=0) and
+    resets last_epoch to -1; the learner calls step() (last_epoch += 1) before epochs 1..K-1."""
+    k = 7
+    last_epoch = 0
+    lrs = []
+    for epoch in range(k):
+        if epoch == 0:
+            lr = math.cos(99 * math.pi * 0 / (200 * (k - 1)))  # set in the constructor
+            last_epoch = -1
+        else:
+            last_epoch += 1
+            lr = math.cos(99 * math.pi * last_epoch / (200 * (k - 1)))
+        lrs.append(lr)
+    t = TrainConfig(schedule="coda_cosine", epochs=k)
+    assert [schedule_factor(t, e * 3, 3, 1.0) for e in range(k)] == pytest.approx(lrs, rel=1e-12)
 
 
 def test_coswm_schedule_freeze_then_cosine_with_assumed_iter_step():
@@ -149,3 +183,38 @@ def test_non_finite_loss_stops_with_a_clear_error():
         p.method.head.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match="loss became nan in task 1"):
         train_phase(p.method, run, task, Phase("train"), 0)
+
+
+def test_features_only_phase_reads_no_image_once_the_queries_are_cached(monkeypatch):
+    """HiDe's TII phase (Phase.needs_images False) with a deterministic train transform: epoch 0
+    loads every training image once (filling the query cache); epochs 1 and 2 load none. The
+    trained TII network equals the one trained from images (same sampler seed, same batches)."""
+    from dataclasses import replace as dc_replace
+
+    from benchmarks.scenarios import TaskDataset
+
+    loads = {"n": 0}
+    orig = TaskDataset.__getitem__
+
+    def counting(self, i):
+        loads["n"] += 1
+        return orig(self, i)
+
+    monkeypatch.setattr(TaskDataset, "__getitem__", counting)
+    over = {"benchmark": {"train_transform": "none"},
+            "method": {"tii_epochs": 3, "prompt_length": 2, "n_centroids": 1}}
+    params = []
+    for needs_images in (False, True):
+        cfg = make_tiny_config("hide_prompt", over)
+        p = prepare(cfg)
+        run = RunContext(cfg, p.scenario, torch.device("cpu"), None, QueryCache(True), train_deterministic=True)
+        task = p.scenario.tasks[0]
+        p.method.begin_task(task)
+        tii = dc_replace(p.method.phases(task)[0], needs_images=needs_images)
+        assert tii.name == "tii" and tii.train["epochs"] == 3
+        loads["n"] = 0
+        train_phase(p.method, run, task, tii, 0)
+        n = len(p.scenario.train_sets[0])
+        assert loads["n"] == (n if not needs_images else 3 * n)
+        params.append([t.detach().clone() for t in p.method.tii_parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*params))
