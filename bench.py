@@ -36,11 +36,12 @@ def user_errors() -> tuple:
     from benchmarks.config import ConfigError
     from benchmarks.datasets import DataError
     from benchmarks.runner import RunError
+    from benchmarks.store import StoreError  # a second writer, a damaged checkpoint, a full disk
     from methods.backbones import BackboneError
     from methods.checkpoints import CheckpointError
     from methods.registry import UnknownMethodError
 
-    return (UsageError, ConfigError, DataError, RunError, BackboneError, CheckpointError, UnknownMethodError)
+    return (UsageError, ConfigError, DataError, RunError, StoreError, BackboneError, CheckpointError, UnknownMethodError)
 
 
 def split_names(values: Optional[Sequence[str]]) -> List[str]:
@@ -152,9 +153,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmarks import distributed
     from benchmarks.runner import prepare, run_prepared, validate_configs
 
+    from benchmarks.store import check_out_folder
+
     benches = expand_benchmarks(split_names(args.benchmark))
     methods = expand_methods(split_names(args.method))
     cfgs = resolve_all(args, benches, methods, args.seeds)
+    check_out_folder(args.out)
     dctx = distributed.setup(cfgs[0].device if cfgs else "auto")
     try:
         if len(cfgs) > 1:  # every config is checked before the first run writes anything
