@@ -9,6 +9,7 @@
     python bench.py report [--runs runs] [--out results/report]
     python bench.py reproduce TABLE [--dry-run]
     python bench.py sweep ... --launcher local|slurm
+    python bench.py check-data -b BENCH [--data-root DIR]   open every image up front
 
 Errors in user input print one sentence and exit with status 2, leaving no run directory behind.
 """
@@ -213,6 +214,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return sweep.cli(args)
 
 
+def cmd_check_data(args: argparse.Namespace) -> int:
+    """Open every image of the benchmark(s) up front (progress bar), list the unreadable ones; exit 2 if any."""
+    from benchmarks.config import resolve_config
+    from benchmarks.datasets import check_data
+
+    bad_total, checked = 0, []
+    for b in expand_benchmarks(split_names(args.benchmark)):
+        cfg = resolve_config("ncm", b, args.preset, cli_overrides(args))
+        summary, bad = check_data(cfg.benchmark, progress=not args.quiet and sys.stderr.isatty())
+        for path, reason in bad:
+            print(f"unreadable: {path} ({reason})")
+        print(summary, flush=True)
+        bad_total += len(bad)
+        checked.append(b)
+    if bad_total:
+        raise UsageError(f"{bad_total} image{'s' if bad_total > 1 else ''} of {', '.join(checked)} cannot be read "
+                         f"(listed above); replace or remove them before a run")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The quick demo: every method and baseline on the quick synthetic preset, the ViT-B/16 cost
     table, then the report. Ends by printing the main table and the path of report.html."""
@@ -316,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train and evaluate methods on a benchmark")
     add_run_options(p)
 
+    p = sub.add_parser("check-data", help="open every image of a benchmark up front; list the unreadable ones")
+    p.add_argument("-b", "--benchmark", action="append", help="benchmark name(s), comma-separated")
+    p.add_argument("--data-root", help="folder holding the data sets")
+    p.add_argument("--preset", default="quick", help="preset whose benchmark settings (split, split file) apply")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="benchmark settings, e.g. benchmark.split=file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("cost", help="parameters, FLOPs, throughput and memory per method")
     p.add_argument("-b", "--benchmark", action="append", help="benchmark name(s), comma-separated")
     p.add_argument("-m", "--method", action="append", help="method name(s), comma-separated, or all / methods / baselines")
@@ -388,6 +416,7 @@ COMMANDS = {
     "report": cmd_report,
     "reproduce": cmd_reproduce,
     "sweep": cmd_sweep,
+    "check-data": cmd_check_data,
 }
 
 

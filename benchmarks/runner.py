@@ -40,7 +40,7 @@ from benchmarks.protocol import (
     train_phase,
 )
 from benchmarks.scenarios import Scenario, build_scenario
-from benchmarks.store import DamagedFileError, RunStore, config_hash, now, run_dir, validate_tag
+from benchmarks.store import CHECKPOINT_FORMAT, DamagedFileError, RunStore, config_hash, now, run_dir, validate_tag
 from methods.backbones import BackboneInfo, create_backbone
 from methods.base import ContinualMethod, Task
 from methods.registry import create_method
@@ -51,6 +51,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class RunError(RuntimeError):
     """A run cannot start (e.g. an incompatible checkpoint on --resume); one sentence."""
+
+
+class DamagedResultError(RunError):
+    """The run folder's result.json is damaged (not JSON, or not matching its SHA-256); sweeps skip and name it."""
 
 
 def git_commit() -> Dict[str, Any]:
@@ -251,7 +255,7 @@ def plan_run(cfg: RunConfig, path: str | Path, resume: bool = False, overwrite: 
         try:
             stored_hash = store.read_result().get("config_hash")
         except DamagedFileError as e:
-            raise RunError(f"{e}; remove it or pass --overwrite to run again") from None
+            raise DamagedResultError(f"{e}; remove it or pass --overwrite to run again") from None
         if stored_hash == chash:
             return RunPlan(store, chash, "skip")
         if not resume:
@@ -451,7 +455,7 @@ def _run_planned(p: Prepared, plan: RunPlan, dctx: dist_util.DistContext, log_to
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 raise NonFiniteLossError(f"{method.name}: '{k}' became NaN or infinite")
         store.save_checkpoint({
-            "format": 2, "task": last_done, "position": position, "method": cfg.method_name, "config_hash": chash,
+            "format": CHECKPOINT_FORMAT, "task": last_done, "position": position, "method": cfg.method_name, "config_hash": chash,
             "state": state, "acc": acc, "tii": tii, "seen_acc": seen_acc, "selection": selection, "timing": timing,
             "rng": rngs, "world_size": dctx.world_size,
         })

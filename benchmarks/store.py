@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
-import torch
 import yaml
+
+# torch is imported where it is used: reports read result.json through this module without it
 
 # The checkpoint format this version writes and reads: plain tensors and containers, loaded with
 # ``torch.load(weights_only=True)`` (format 2 pickled numpy objects and needed weights_only=False).
@@ -236,6 +237,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
+    import torch
+
     _atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
@@ -251,6 +254,8 @@ def to_plain_state(o: Any) -> Any:
     ``_metadata``); the others are rebuilt with the same type.
     """
     if isinstance(o, np.ndarray):
+        import torch
+
         return {_NP: torch.from_numpy(np.ascontiguousarray(o).copy())}
     if isinstance(o, np.generic):
         return o.item()
@@ -453,6 +458,8 @@ class RunStore:
 
     def save_checkpoint(self, state: Dict[str, Any]) -> None:
         if self.writable:
+            import torch
+
             buf = io.BytesIO()
             torch.save(to_plain_state(state), buf)  # into memory: a full disk is a plain OSError below
             write_with_digest(self.checkpoint_path, buf.getvalue())
@@ -463,6 +470,8 @@ class RunStore:
         Loaded with ``weights_only=True`` (plain tensors and containers only: a planted pickle
         cannot run code). ``verify``: also check the SHA-256 in ``checkpoint.pt.sha256``.
         """
+        import torch
+
         if not self.checkpoint_path.exists():
             return None
         try:
