@@ -657,9 +657,19 @@ def load_imagenet_r(cfg: BenchmarkConfig, image_size: int) -> Tuple[DatasetSplit
             "split_file_origin": [CODA_SPLIT_SHA256.get(s, "custom") for s in shas],
         })
 
+    moved = all((folder / d).is_dir() for d in ("train", "test"))  # already split by the DualPrompt code
+
+    def file_of(rel: str) -> str:
+        # the list names ``wnid/file``; in a folder split by the DualPrompt code the file lies in train/ or test/
+        if moved:
+            for d in ("train", "test"):
+                if (folder / d / rel).is_file():
+                    return str(folder / d / rel)
+        return str(folder / rel)
+
     def split_of(ents: List[Tuple[str, int]]) -> DatasetSplit:
         return DatasetSplit(np.array([c for _, c in ents], dtype=np.int64),
-                            paths=[str(folder / rel) for rel, _ in ents], class_names=list(names))
+                            paths=[file_of(rel) for rel, _ in ents], class_names=list(names))
 
     if not train_e or not test_e:
         raise DataError(f"ImageNet-R under {folder} has too few images for a train and a test split; expected {layout}")
