@@ -339,6 +339,8 @@ def run_prepared(p: Prepared, out: str | Path, resume: bool = False, overwrite: 
     """
     dctx = dist_util.current()
     path = run_dir(out, p.benchmark_label, p.method_label, p.cfg.seed)
+    if dctx.is_main:
+        RunStore(path).refuse_if_written()  # a live writer is the first thing to tell
     plan = plan_run(p.cfg, path, resume, overwrite, writable=dctx.is_main)
     if plan.action == "skip" or not dctx.is_main:
         return _run_planned(p, plan, dctx, log_to_stdout)

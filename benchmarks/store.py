@@ -351,9 +351,7 @@ class RunStore:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            holder = self._holder_text()
-            raise RunLockedError(f"{self.path} is being written by {holder}; wait for it to finish or stop it "
-                                 f"(one run folder has one writer)") from None
+            raise self._locked_error(self._holder_text()) from None
         try:
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps({"pid": os.getpid(), "host": _hostname(), "since": now()}).encode())
@@ -362,11 +360,25 @@ class RunStore:
                 os.close(fd)
                 raise
         self._lock_fd = fd
+        if (self.path / "log.txt").is_symlink():  # refused before anything is written
+            self.unlock()
+            raise StoreError(f"{self.path / 'log.txt'} is a symbolic link; the suite does not write through links "
+                             f"(remove it)")
         for tmp in self.path.glob(".*.tmp"):  # left by a writer killed mid-write; we are the only writer now
             try:
                 tmp.unlink()
             except OSError:
                 pass
+
+    def _locked_error(self, holder: str) -> RunLockedError:
+        return RunLockedError(f"{self.path} is being written by {holder}; wait for it to finish or stop it "
+                              f"(one run folder has one writer)")
+
+    def refuse_if_written(self) -> None:
+        """RunLockedError when another process writes the folder now (checked before anything else)."""
+        holder = self.writer()
+        if holder is not None:
+            raise self._locked_error(holder)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
