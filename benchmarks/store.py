@@ -518,13 +518,13 @@ def read_result_file(path: Path) -> Dict[str, Any]:
         data = path.read_bytes()
     except OSError as e:
         raise DamagedFileError(f"{path} is unreadable ({e.strerror or type(e).__name__})") from None
-    verify_digest(path, data, required=False)
     try:
         res = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise DamagedFileError(f"{path} is damaged (not valid JSON: {str(e).splitlines()[0]})") from None
     if not isinstance(res, dict):
         raise DamagedFileError(f"{path} is damaged (it holds a {type(res).__name__}, not an object)")
+    verify_digest(path, data, required=False)  # valid JSON that is no longer what was written
     return res
 
 
