@@ -370,7 +370,9 @@ def validate_values(cfg: RunConfig) -> None:
     at_least("benchmark.image_size", b.image_size, 1, allow_none=True)
     if not 0.0 <= b.val_fraction < 1.0:
         raise ConfigError(f"benchmark.val_fraction={b.val_fraction} is out of range; it must lie in [0, 1)")
-    at_least("train.epochs", t.epochs, 0)
+    if t.epochs < 0:
+        raise ConfigError(f"train.epochs={t.epochs} is out of range; it must be at least 1 (0 only for a method that "
+                          f"trains nothing, such as ncm)")
     at_least("train.batch_size", t.batch_size, 1)
     at_least("train.eval_batch_size", t.eval_batch_size, 1)
     at_least("train.lr", t.lr, 0)

@@ -349,37 +349,39 @@ def run_prepared(p: Prepared, out: str | Path, resume: bool = False, overwrite: 
     try:
         plan = plan_run(p.cfg, path, resume, overwrite)  # again: the folder may have changed before we held it
         plan.store = store
-        kept = {n: (store.path / n).read_bytes() for n in ("config.yaml", "result.json")
-                if store.result_path.exists() and (store.path / n).is_file()}
         stale = store.status() if plan.action != "skip" else None
         if stale and stale.get("status") == "running":
             p.stale_writer = f"process {stale.get('pid')} on {stale.get('host')}"
+        # the config.yaml of an existing result, kept by a hard link (needs no space) until the new
+        # result is written, so that a failed --overwrite puts it back
+        config, kept = store.path / "config.yaml", store.path / ".config.yaml.kept"
+        keep = store.result_path.exists() and config.is_file()
+        if keep:
+            kept.unlink(missing_ok=True)
+            os.link(config, kept)
+        old_result = store.result_path.read_bytes() if keep else None
         try:
-            return _run_planned(p, plan, dctx, log_to_stdout)
+            result = _run_planned(p, plan, dctx, log_to_stdout)
         except BaseException as e:
-            _after_failure(store, kept, e)
+            _after_failure(store, e)
+            if keep and store.result_path.read_bytes() == old_result:
+                os.replace(kept, config)  # a rename: works on a full disk too
             raise
+        finally:
+            kept.unlink(missing_ok=True)
+        return result
     finally:
         store.unlock()
 
 
-def _after_failure(store: RunStore, kept: Dict[str, bytes], e: BaseException) -> None:
-    """No false ``running`` status; the config.yaml of a kept result is put back."""
+def _after_failure(store: RunStore, e: BaseException) -> None:
+    """No false ``running`` status is left behind by this process."""
     try:
         st = store.status() or {}
         if st.get("status") == "running" and st.get("pid") == os.getpid():
             store.set_status("failed", error=f"{type(e).__name__}: {e}", finished=now())
     except Exception:
         store.drop_status()  # even a small write fails (a full disk): no status beats a false one
-    if "result.json" in kept and "config.yaml" in kept and store.result_path.exists() \
-            and store.result_path.read_bytes() == kept["result.json"]:
-        try:
-            if (store.path / "config.yaml").read_bytes() != kept["config.yaml"]:
-                from benchmarks.store import atomic_write_text
-
-                atomic_write_text(store.path / "config.yaml", kept["config.yaml"].decode())
-        except Exception:
-            pass  # the kept result.json carries its own config
 
 
 def _run_planned(p: Prepared, plan: RunPlan, dctx: dist_util.DistContext, log_to_stdout: bool) -> Dict[str, Any]:
@@ -546,7 +548,10 @@ def _run_planned(p: Prepared, plan: RunPlan, dctx: dist_util.DistContext, log_to
                 store.set_status("interrupted", signal=name, finished=now(), **meta,
                                  error="stopped at once (a second signal, or KeyboardInterrupt); the last checkpoint is kept")
                 raise
-            store.set_status("failed", error=f"{type(e).__name__}: {e}", finished=now(), **meta)
+            try:
+                store.set_status("failed", error=f"{type(e).__name__}: {e}", finished=now(), **meta)
+            except Exception:  # a full disk: the original error is the one to tell; no false 'running'
+                store.drop_status()
             if isinstance(e, NonFiniteLossError):
                 kept = (f"the last good checkpoint is kept in {store.checkpoint_path}" if store.checkpoint_path.exists()
                         else f"no checkpoint had been saved yet in {store.path}")

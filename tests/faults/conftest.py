@@ -100,7 +100,7 @@ class DiskQuota:
 
     def __init__(self, monkeypatch, root: Path, budget: int) -> None:
         self.root, self.left, self.failures = str(Path(root).resolve()), budget, 0
-        real = io.open
+        real = getattr(io.open, "real_open", io.open)  # a new quota replaces an earlier one, never nests
 
         def quota_open(file, mode="r", *args, **kwargs):
             f = real(file, mode, *args, **kwargs)
@@ -112,6 +112,7 @@ class DiskQuota:
                 return f
             return _QuotaFile(f, self) if str(name).startswith(self.root) else f
 
+        quota_open.real_open = real
         monkeypatch.setattr(io, "open", quota_open)
         monkeypatch.setattr(builtins, "open", quota_open)
 
