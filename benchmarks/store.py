@@ -352,6 +352,10 @@ class RunStore:
         except BlockingIOError:
             os.close(fd)
             raise self._locked_error(self._holder_text()) from None
+        except OSError as e:  # a file system without flock: refuse rather than allow two writers
+            os.close(fd)
+            raise StoreError(f"cannot lock {self.lock_path} ({e.strerror}); this file system does not support flock, "
+                             f"so the run folder cannot be kept to one writer; use another --out") from None
         try:
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps({"pid": os.getpid(), "host": _hostname(), "since": now()}).encode())
