@@ -346,7 +346,15 @@ class RunStore:
         if not self.writable or self._lock_fd is not None:
             return
         self.create()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode())
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode())
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(self.lock_path) from None
+            if e.errno == errno.ELOOP:
+                raise StoreError(f"{self.lock_path} is a symbolic link; the suite does not write through links "
+                                 f"(remove it)") from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
