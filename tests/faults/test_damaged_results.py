@@ -51,6 +51,7 @@ def test_sweep_dry_run_names_and_counts_a_damaged_result(done_run, capsys):
     assert snapshot(out) == before
 
 
+@pytest.mark.filterwarnings("ignore:skipped unreadable result")
 def test_report_skips_names_and_counts_damaged_results_everywhere(tmp_path, capsys):
     runs = tmp_path / "runs"
     for seed in (0, 1):

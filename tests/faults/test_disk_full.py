@@ -58,11 +58,12 @@ def test_a_failed_overwrite_for_another_reason_also_keeps_the_config(done_run, c
     assert _status(d) == "failed" and not (d / ".config.yaml.kept").exists()
 
 
-def test_report_on_a_full_disk_keeps_the_previous_report_whole(tmp_path, capsys, disk_quota):
+def test_report_on_a_full_disk_keeps_the_previous_report_whole(tmp_path, capsys, disk_quota, monkeypatch):
     runs, rep = tmp_path / "runs", tmp_path / "report"
     assert bench.main(run_args(runs, method="ncm")) == 0
     assert bench.main(["report", "--runs", str(runs), "--out", str(rep)]) == 0
-    (rep / "notes.txt").write_text("my notes\n")  # a file of the user's in the report folder
+    (rep / "notes.txt").write_text("my notes\n")  # files of the user's in the report folder
+    (rep / "tables" / "mine.txt").write_text("mine\n")
     capsys.readouterr()
     before = snapshot(rep)
     for budget in (0, 20_000, 200_000):
@@ -74,18 +75,12 @@ def test_report_on_a_full_disk_keeps_the_previous_report_whole(tmp_path, capsys,
         assert snapshot(rep) == before  # no file deleted, truncated or emptied
         assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "runs"]  # no temporary folder left
         assert half_written(tmp_path) == []
-
-
-def test_the_report_swap_keeps_the_users_files(tmp_path, capsys):
-    runs, rep = tmp_path / "runs", tmp_path / "report"
-    assert bench.main(run_args(runs, method="ncm")) == 0
-    assert bench.main(["report", "--runs", str(runs), "--out", str(rep)]) == 0
-    (rep / "notes.txt").write_text("my notes\n")
-    (rep / "tables" / "mine.txt").write_text("mine\n")
+    monkeypatch.undo()  # space again: the new report is swapped in, the user's files carried over
     (rep / "tables" / "stale.md").write_text("an old table\n")  # the report's own kind of file: replaced
     assert bench.main(["report", "--runs", str(runs), "--out", str(rep)]) == 0
     assert (rep / "notes.txt").read_text() == "my notes\n" and (rep / "tables" / "mine.txt").read_text() == "mine\n"
     assert not (rep / "tables" / "stale.md").exists() and (rep / "report.html").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "runs"]
 
 
 def test_a_temporary_checkpoint_left_by_a_kill_is_removed_on_resume(unfinished, capsys):
