@@ -66,6 +66,9 @@ def build_report(runs: str | Path, out: str | Path, cost: Optional[str | Path] =
                  references: str | Path = REFERENCE_DIR) -> ReportOutput:
     """Load, tabulate, plot and write everything; see the module docstring for the layout."""
     t0 = time.time()
+    from benchmarks.store import check_out_folder
+
+    check_out_folder(out)
     rs = load_runs(runs)
     cost_frames = load_cost(cost)
     cost_csv = cost_frames.get("cost")

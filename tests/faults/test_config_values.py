@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from benchmarks.config import parse_set
-from tests.faults.conftest import TINY_SET, cli, one_sentence, run_args, run_dir
+from tests.faults.helpers import TINY_SET, cli, one_sentence, run_args, run_dir
 
 
 @pytest.mark.parametrize("text,value", [("1e-3", 0.001), ("3e-4", 0.0003), ("1.0e6", 1000000.0), ("-2E-5", -2e-05),

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import bench
-from tests.faults.conftest import TINY_SET, cli, one_sentence, run_args, run_dir, snapshot
+from tests.faults.helpers import TINY_SET, cli, one_sentence, run_args, run_dir, snapshot
 
 
 def _truncate(p):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import benchmarks.datasets as D
-from tests.faults.conftest import cli, one_sentence, snapshot
+from tests.faults.helpers import cli, one_sentence, snapshot
 
 CUB_SET = ["backbone.pretrained=none", "benchmark.num_tasks=4", "benchmark.class_order=natural", "train.epochs=1",
            "train.batch_size=16", "train.eval_batch_size=64"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.faults.conftest import Payload, TINY_SET, cli, one_sentence, run_args, snapshot
+from tests.faults.helpers import Payload, TINY_SET, cli, one_sentence, run_args, snapshot
 
 
 def test_flipped_weights_inside_the_checkpoint_are_refused(unfinished, capsys):

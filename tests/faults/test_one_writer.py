@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.store import RunStore
-from tests.faults.conftest import TINY_SET, cli, one_sentence, run_args, run_dir, snapshot
+from tests.faults.helpers import TINY_SET, cli, one_sentence, run_args, run_dir, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 
