@@ -152,7 +152,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Runs one after the other; under ``torchrun --nproc_per_node=N`` each run is data-parallel."""
     from benchmarks import distributed
-    from benchmarks.runner import prepare, run_prepared, validate_configs
+    from benchmarks.runner import plan_all, prepare, run_prepared, validate_configs
 
     from benchmarks.store import check_out_folder
 
@@ -165,6 +165,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if len(cfgs) > 1:  # every config is checked before the first run writes anything
             with distributed.main_first(dctx):
                 validate_configs(cfgs, tag=args.tag)
+            if dctx.is_main:  # and every run folder's state (a damaged result, a live writer, ...)
+                plan_all(cfgs, args.out, args.tag, args.resume, args.overwrite)
         for cfg in cfgs:
             cfg.device = distributed.rank_device(cfg.device, dctx)
             with distributed.main_first(dctx):  # downloads and weight caches: rank 0 first

@@ -300,6 +300,15 @@ def validate_configs(cfgs: List[RunConfig], tag: Optional[str] = None) -> None:
         prepare(probe, tag=tag)
 
 
+def plan_all(cfgs: List[RunConfig], out: str | Path, tag: Optional[str], resume: bool, overwrite: bool) -> None:
+    """Inspect every run folder (no write) before the first run starts: a live writer, a damaged
+    result or an unusable checkpoint in run 3 of 5 stops the command before runs 1 and 2."""
+    for cfg in cfgs:
+        path = run_path(cfg, out, tag)
+        RunStore(path).refuse_if_written()
+        plan_run(cfg, path, resume, overwrite, writable=False)
+
+
 def describe_position(ckpt: Dict[str, Any], num_tasks: int) -> str:
     pos = ckpt.get("position")
     if pos is None:

@@ -34,6 +34,16 @@ def test_run_and_resume_refuse_a_damaged_result_naming_it(done_run, capsys, dama
     assert snapshot(out) == before
 
 
+def test_a_damaged_result_in_a_later_run_stops_the_command_before_the_first_run(done_run, capsys):
+    out, d = done_run
+    _truncate(d / "result.json")
+    before = snapshot(out)
+    code, err, _ = cli(["run", "-b", "synthetic", "-m", "ncm,linear_probe", "--out", str(out), "--device", "cpu",
+                        "--quiet", "--set", *TINY_SET], capsys)
+    assert code == 2 and one_sentence(err) and f"{d / 'result.json'} is damaged (not valid JSON" in err, err
+    assert snapshot(out) == before and not run_dir(out, "ncm").exists()  # ncm (first) did not run
+
+
 def test_sweep_dry_run_names_and_counts_a_damaged_result(done_run, capsys):
     out, d = done_run
     assert bench.main(run_args(out, method="ncm")) == 0
