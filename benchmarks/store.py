@@ -183,7 +183,7 @@ def write_with_digest(path: Path, data: bytes, digest: bool = True) -> None:
         return
     new = sha256_bytes(data)
     old = [h for h in (read_digests(path) or []) if h != new] if path.exists() else []
-    _write_file(digest_path(path), "".join(f"{h}  {path.name}\n" for h in [new] + old[:1]).encode())
+    _write_file(digest_path(path), "".join(f"{h}  {path.name}\n" for h in [new] + old).encode())
     _write_file(path, data)
     _write_file(digest_path(path), f"{new}  {path.name}\n".encode())
 
