@@ -64,3 +64,29 @@ def test_a_planted_cifar_pickle_runs_nothing(tmp_path, capsys, monkeypatch):
     assert code == 2 and one_sentence(err), err
     assert f"CIFAR-100 files under {folder} are unreadable (UnpicklingError: it names io.open, which a data file has no reason to call; refused)" in err
     assert not marker.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("killed_at", [1, 2, 3], ids=["before-file-rename", "before-digest-rename", "after"])
+def test_a_kill_between_the_checkpoint_and_its_digest_never_makes_it_look_damaged(tmp_path, monkeypatch, killed_at):
+    import os
+
+    from benchmarks.store import RunStore
+
+    store = RunStore(tmp_path / "run")
+    store.save_checkpoint({"task": 0, "state": {"w": torch.zeros(3)}})
+    real, calls = os.replace, []
+
+    def replace(src, dst):  # the k-th rename of the next save never happens (the process is killed)
+        calls.append(dst)
+        if len(calls) == killed_at + 1:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        for task in (1, 2):
+            store.save_checkpoint({"task": task, "state": {"w": torch.full((3,), float(task))}})
+    monkeypatch.undo()
+    ckpt = store.load_checkpoint()  # verified against the digest file as it was left
+    expected = {1: 0, 2: 1, 3: 1}[killed_at]  # the last checkpoint whose rename happened
+    assert ckpt["task"] == expected and torch.equal(ckpt["state"]["w"], torch.full((3,), float(expected)))
