@@ -147,11 +147,13 @@ def _disk_full(e: BaseException) -> bool:
 def _work_folder(final: Path) -> Path:
     import tempfile
 
-    from benchmarks.store import disk_full_error, is_disk_full
+    from benchmarks.store import disk_full_error, file_mode, is_disk_full
 
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+        work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+        work.chmod(file_mode() | ((file_mode() & 0o444) >> 2))  # a folder's mode under the umask (mkdtemp: 0700)
+        return work
     except OSError as e:
         if is_disk_full(e):
             raise disk_full_error(final) from None

@@ -4,7 +4,9 @@ result or report changed, no contradicting config.yaml; a killed writer's tempor
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 
 import pytest
 
@@ -81,6 +83,9 @@ def test_report_on_a_full_disk_keeps_the_previous_report_whole(tmp_path, capsys,
     assert (rep / "notes.txt").read_text() == "my notes\n" and (rep / "tables" / "mine.txt").read_text() == "mine\n"
     assert not (rep / "tables" / "stale.md").exists() and (rep / "report.html").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "runs"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(rep.stat().st_mode) == 0o777 & ~umask  # a folder's usual mode, not mkdtemp's 0700
 
 
 def test_a_temporary_checkpoint_left_by_a_kill_is_removed_on_resume(unfinished, capsys):
