@@ -365,16 +365,28 @@ def run_prepared(p: Prepared, out: str | Path, resume: bool = False, overwrite: 
         # result is written, so that a failed --overwrite puts it back
         config, kept = store.path / "config.yaml", store.path / ".config.yaml.kept"
         keep = store.result_path.exists() and config.is_file()
+        old_config: Optional[bytes] = None
         if keep:
             kept.unlink(missing_ok=True)
-            os.link(config, kept)
+            try:
+                os.link(config, kept)
+            except OSError:  # a file system without hard links: keep the bytes (rewriting needs space)
+                old_config = config.read_bytes()
         old_result = store.result_path.read_bytes() if keep else None
         try:
             result = _run_planned(p, plan, dctx, log_to_stdout)
         except BaseException as e:
             _after_failure(store, e)
             if keep and store.result_path.read_bytes() == old_result:
-                os.replace(kept, config)  # a rename: works on a full disk too
+                if old_config is None:
+                    os.replace(kept, config)  # a rename: works on a full disk too
+                else:
+                    try:
+                        from benchmarks.store import atomic_write_text
+
+                        atomic_write_text(config, old_config.decode())
+                    except Exception:
+                        pass  # the kept result.json carries its own config
             raise
         finally:
             kept.unlink(missing_ok=True)
