@@ -469,7 +469,8 @@ def load_fashion_mnist(cfg: BenchmarkConfig, image_size: int) -> Tuple[DatasetSp
         files = find_fashion_mnist(cfg.data_root)
     if files is None:
         raise _missing("Fashion-MNIST", layout, source, detail)
-    if files["train_images"].parent == FASHION_MNIST_DEBIAN:
+    users = [c.resolve() for c in fashion_mnist_candidates(cfg.data_root)[:-1]]  # the folders under --data-root
+    if files["train_images"].parent == FASHION_MNIST_DEBIAN and FASHION_MNIST_DEBIAN.resolve() not in users:
         import sys
 
         # said loudly (and recorded as scenario.data_path): the data is not under --data-root

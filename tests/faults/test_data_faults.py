@@ -133,6 +133,8 @@ def test_the_system_copy_is_used_only_when_data_root_has_none_and_then_said_loud
     assert info.extra["data_path"] == str(system) and len(train) == 20
     assert capsys.readouterr().err.strip() == (f"note: Fashion-MNIST is not under {tmp_path / 'empty'}; using the "
                                                f"system copy in {system}")
+    D.load_dataset(D.BenchmarkConfig(name="fashion_mnist", data_root=str(system)), 32)  # pointed at it: no note
+    assert capsys.readouterr().err == ""
 
 
 def test_a_failed_fashion_mnist_download_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
