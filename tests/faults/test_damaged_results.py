@@ -3,7 +3,6 @@ and skipped everywhere, with a count in every output; run and --resume refuse it
 from __future__ import annotations
 
 import json
-import shutil
 
 import pandas as pd
 import pytest

@@ -8,7 +8,7 @@ import stat
 import pytest
 import yaml
 
-from tests.faults.helpers import TINY_SET, cli, one_sentence, run_args, run_dir, snapshot
+from tests.faults.helpers import TINY_SET, cli, one_sentence, run_args, run_dir
 
 
 @pytest.mark.parametrize("tag", ["../../x", "a/b", "..", "/abs"])
