@@ -10,6 +10,7 @@
     python bench.py reproduce TABLE [--dry-run]
     python bench.py sweep ... --launcher local|slurm
     python bench.py gpu-check [--device cuda] [--budget 420] [--out results/gpu-check] [--ref-root DIR]
+    python bench.py check-data -b BENCH [--data-root DIR]   open every image up front
 
 Errors in user input print one sentence and exit with status 2, leaving no run directory behind.
 """
@@ -37,11 +38,12 @@ def user_errors() -> tuple:
     from benchmarks.config import ConfigError
     from benchmarks.datasets import DataError
     from benchmarks.runner import RunError
+    from benchmarks.store import StoreError  # a second writer, a damaged checkpoint, a full disk
     from methods.backbones import BackboneError
     from methods.checkpoints import CheckpointError
     from methods.registry import UnknownMethodError
 
-    return (UsageError, ConfigError, DataError, RunError, BackboneError, CheckpointError, UnknownMethodError)
+    return (UsageError, ConfigError, DataError, RunError, StoreError, BackboneError, CheckpointError, UnknownMethodError)
 
 
 def split_names(values: Optional[Sequence[str]]) -> List[str]:
@@ -177,16 +179,21 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Runs one after the other; under ``torchrun --nproc_per_node=N`` each run is data-parallel."""
     from benchmarks import distributed
-    from benchmarks.runner import prepare, run_prepared, validate_configs
+    from benchmarks.runner import plan_all, prepare, run_prepared, validate_configs
+
+    from benchmarks.store import check_out_folder
 
     benches = expand_benchmarks(split_names(args.benchmark))
     methods = expand_methods(split_names(args.method))
     cfgs = resolve_all(args, benches, methods, args.seeds)
+    check_out_folder(args.out)
     dctx = distributed.setup(cfgs[0].device if cfgs else "auto")
     try:
         if len(cfgs) > 1:  # every config is checked before the first run writes anything
             with distributed.main_first(dctx):
                 validate_configs(cfgs, tag=args.tag)
+            if dctx.is_main:  # and every run folder's state (a damaged result, a live writer, ...)
+                plan_all(cfgs, args.out, args.tag, args.resume, args.overwrite)
         for cfg in cfgs:
             cfg.device = distributed.rank_device(cfg.device, dctx)
             with distributed.main_first(dctx):  # downloads and weight caches: rank 0 first
@@ -241,6 +248,26 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     from benchmarks import gpu_check
 
     return gpu_check.cli(args)
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    """Open every image of the benchmark(s) up front (progress bar), list the unreadable ones; exit 2 if any."""
+    from benchmarks.config import resolve_config
+    from benchmarks.datasets import check_data
+
+    bad_total, checked = 0, []
+    for b in expand_benchmarks(split_names(args.benchmark)):
+        cfg = resolve_config("ncm", b, args.preset, cli_overrides(args))
+        summary, bad = check_data(cfg.benchmark, progress=not args.quiet and sys.stderr.isatty())
+        for path, reason in bad:
+            print(f"unreadable: {path} ({reason})")
+        print(summary, flush=True)
+        bad_total += len(bad)
+        checked.append(b)
+    if bad_total:
+        raise UsageError(f"{bad_total} image{'s' if bad_total > 1 else ''} of {', '.join(checked)} cannot be read "
+                         f"(listed above); replace or remove them before a run")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -358,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train and evaluate methods on a benchmark")
     add_run_options(p)
 
+    p = sub.add_parser("check-data", help="open every image of a benchmark up front; list the unreadable ones")
+    p.add_argument("-b", "--benchmark", action="append", help="benchmark name(s), comma-separated")
+    p.add_argument("--data-root", help="folder holding the data sets")
+    p.add_argument("--preset", default="quick", help="preset whose benchmark settings (split, split file) apply")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="benchmark settings, e.g. benchmark.split=file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("cost", help="parameters, FLOPs, throughput and memory per method")
     p.add_argument("-b", "--benchmark", action="append", help="benchmark name(s), comma-separated")
     p.add_argument("-m", "--method", action="append", help="method name(s), comma-separated, or all / methods / baselines")
@@ -436,6 +470,7 @@ COMMANDS = {
     "reproduce": cmd_reproduce,
     "sweep": cmd_sweep,
     "gpu-check": cmd_gpu_check,
+    "check-data": cmd_check_data,
 }
 
 

@@ -201,8 +201,24 @@ def apply_mapping(obj: Any, mapping: Dict[str, Any], prefix: str) -> None:
             setattr(obj, key, coerce(value, hints[key], full))
 
 
+def _python_number(raw: str, value: Any) -> Any:
+    """``1e-3``, ``3e-4``, ``1.0e6``: YAML 1.1 reads these as strings; read them as Python does."""
+    if not isinstance(value, str):
+        return value
+    text = raw.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return value
+
+
 def parse_set(items: List[str]) -> Dict[str, Any]:
-    """``["train.lr=0.01", "method.pool_size=20"]`` -> nested dict, values parsed as YAML."""
+    """``["train.lr=0.01", "method.pool_size=20"]`` -> nested dict, values parsed as YAML
+    (numbers as Python reads them, so ``train.lr=1e-3`` is a number)."""
     out: Dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -212,6 +228,7 @@ def parse_set(items: List[str]) -> Dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        value = _python_number(raw, value)
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -369,6 +386,7 @@ def resolve_with_sources(
     apply_mapping(cfg, merged, "")
     apply_mapping(cfg.method, method_part, "method")
     cfg.benchmark.name = benchmark
+    validate_values(cfg)
     validate = getattr(cfg.method, "validate", None)
     if callable(validate):
         validate()
@@ -402,6 +420,72 @@ def resolve_config(
     return resolve_with_sources(method, benchmark, preset, overrides, method_config_cls, strict)[0]
 
 
+# --- values that parse but mean nothing (checked before any file is written) --------------
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "coda_cosine", "coswm", "step")
+TRAIN_MASKS = ("current", "seen", "none")
+EVAL_MASKS = ("seen", "none")
+PRECISIONS = ("auto", "fp32", "bf16")
+PRETRAINED = ("auto", "none", "timm", "file", "synthetic")
+CHECKPOINT_FORMATS = ("auto", "timm", "npz", "ibot", "dino", "mocov3")
+
+
+def validate_values(cfg: RunConfig) -> None:
+    """Refuse values of the right type that mean nothing (``epochs=-1``, ``lr=-1``, ``batch_size=0``,
+    an unknown optimizer ...); one sentence naming the key. ``train.epochs=0`` is checked against
+    the method in ``runner.prepare`` (NCM trains nothing, so 0 is its preset)."""
+    import math
+
+    def at_least(key: str, value: Any, low: float, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if value is None or value < low or (isinstance(value, float) and math.isnan(value)):
+            raise ConfigError(f"{key}={value} is out of range; it must be at least {low:g}")
+
+    def one_of(key: str, value: Any, choices: Tuple[str, ...]) -> None:
+        if value not in choices:
+            raise ConfigError(f"unknown {key} '{value}'; use {', '.join(choices)}")
+
+    b, t = cfg.benchmark, cfg.train
+    at_least("benchmark.num_tasks", b.num_tasks, 1)
+    at_least("benchmark.num_classes", b.num_classes, 1, allow_none=True)
+    at_least("benchmark.train_per_class", b.train_per_class, 1, allow_none=True)
+    at_least("benchmark.test_per_class", b.test_per_class, 1, allow_none=True)
+    at_least("benchmark.image_size", b.image_size, 1, allow_none=True)
+    if not 0.0 <= b.val_fraction < 1.0:
+        raise ConfigError(f"benchmark.val_fraction={b.val_fraction} is out of range; it must lie in [0, 1)")
+    if t.epochs < 0:
+        raise ConfigError(f"train.epochs={t.epochs} is out of range; it must be at least 1 (0 only for a method that "
+                          f"trains nothing, such as ncm)")
+    at_least("train.batch_size", t.batch_size, 1)
+    at_least("train.eval_batch_size", t.eval_batch_size, 1)
+    at_least("train.lr", t.lr, 0)
+    at_least("train.lr_scale_batch", t.lr_scale_batch, 1, allow_none=True)
+    at_least("train.momentum", t.momentum, 0)
+    at_least("train.weight_decay", t.weight_decay, 0)
+    at_least("train.warmup_epochs", t.warmup_epochs, 0)
+    at_least("train.freeze_iters", t.freeze_iters, 0)
+    at_least("train.iter_step", t.iter_step, 1, allow_none=True)
+    at_least("train.min_lr", t.min_lr, 0)
+    at_least("train.gamma", t.gamma, 0)
+    at_least("train.num_workers", t.num_workers, 0)
+    at_least("train.checkpoint_every_epochs", t.checkpoint_every_epochs, 0)
+    for m in t.milestones:
+        at_least("train.milestones", m, 0)
+    if t.clip_grad is not None and not t.clip_grad > 0:
+        raise ConfigError(f"train.clip_grad={t.clip_grad} is out of range; it must be positive (or null for no clipping)")
+    one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+    one_of("train.schedule", t.schedule, SCHEDULES)
+    one_of("train.train_mask", t.train_mask, TRAIN_MASKS)
+    one_of("train.eval_mask", t.eval_mask, EVAL_MASKS)
+    one_of("precision", cfg.precision, PRECISIONS)
+    one_of("backbone.pretrained", cfg.backbone.pretrained, PRETRAINED)
+    one_of("backbone.checkpoint_format", cfg.backbone.checkpoint_format, CHECKPOINT_FORMATS)
+    if not 0.0 <= cfg.backbone.drop_path < 1.0:
+        raise ConfigError(f"backbone.drop_path={cfg.backbone.drop_path} is out of range; it must lie in [0, 1)")
+
+
 def run_config_from_dict(d: Dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from its dumped dict (used by resume and reports)."""
     from methods.registry import get_method_class
@@ -413,4 +497,5 @@ def run_config_from_dict(d: Dict[str, Any]) -> RunConfig:
     cfg.method = get_method_class(cfg.method_name).Config()
     apply_mapping(cfg.method, d.pop("method", {}) or {}, "method")
     apply_mapping(cfg, d, "")
+    validate_values(cfg)
     return cfg

@@ -50,6 +50,30 @@ from benchmarks.config import BenchmarkConfig, ConfigError
 class DataError(RuntimeError):
     """A data set is missing or malformed; the message is one sentence for the user."""
 
+    def __init__(self, message: str = "", *args: object) -> None:
+        # A DataLoader worker re-raises our error in the main process as DataError("Caught DataError
+        # in DataLoader worker process 0.\nOriginal Traceback ...\nbenchmarks.datasets.DataError: <ours>"):
+        # keep only our sentence, so the user still reads one line.
+        text = str(message)
+        if text.startswith("Caught ") and "Original Traceback" in text:
+            last = [ln for ln in text.splitlines() if ln.strip()][-1]
+            text = last.split("DataError: ", 1)[-1]
+        super().__init__(text, *args)
+
+
+def image_error_reason(e: BaseException) -> str:
+    """torchvision's "decode_jpeg, /path/decode_jpeg.cpp:171, Image is incomplete or truncated" -> the reason."""
+    import re
+
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.sub(r"^\w+, \S+:\d+, ", "", text).rstrip(".") or type(e).__name__
+
+
+def unreadable_image(path: str, e: BaseException) -> DataError:
+    reason = image_error_reason(e)
+    return DataError(f"cannot read image {path} ({reason}); 'python bench.py check-data -b BENCHMARK' lists every "
+                     f"unreadable image of a data set")
+
 
 @dataclass
 class DatasetSplit:
@@ -70,7 +94,10 @@ class DatasetSplit:
         else:
             from torchvision.io import ImageReadMode, decode_image
 
-            img = decode_image(self.paths[i], mode=ImageReadMode.RGB)
+            try:
+                img = decode_image(self.paths[i], mode=ImageReadMode.RGB)
+            except Exception as e:  # empty, truncated or not an image: name the file
+                raise unreadable_image(self.paths[i], e) from None
         if img.shape[0] == 1:
             img = img.expand(3, -1, -1)
         return img
@@ -176,7 +203,64 @@ def finish_splits(cfg: BenchmarkConfig, train: DatasetSplit, test: DatasetSplit,
         info.extra[f"{key}_images"] = int(len(idx))
         info.extra[f"{key}_list_sha256"] = list_sha256((ids[i], split.targets[i]) for i in idx)
         out.append(split if len(idx) == len(split) else split.subset(idx))
+    for split in out:
+        _refuse_empty_files(split)
     return out[0], out[1], info
+
+
+CHECK_EMPTY_FILES = True  # check-data turns it off: it lists every unreadable image instead
+
+
+def _refuse_empty_files(split: DatasetSplit) -> None:
+    """A zero-byte image file is found at start-up (one stat per file), not at task 8 of 10."""
+    if split.paths is None or not CHECK_EMPTY_FILES:
+        return
+    empty = [p for p in split.paths if os.path.getsize(p) == 0] if split.paths else []
+    if empty:
+        more = f" and {len(empty) - 1} more" if len(empty) > 1 else ""
+        raise DataError(f"image {empty[0]}{more} is empty (0 bytes); 'python bench.py check-data -b BENCHMARK' lists "
+                        f"every unreadable image")
+
+
+def check_data(cfg: BenchmarkConfig, progress: bool = True) -> Tuple[str, List[Tuple[str, str]]]:
+    """``bench.py check-data``: load the whole data set (no per-class subsampling) and decode every image.
+
+    Returns (a one-line summary, [(path, reason)] of the unreadable images).
+    """
+    import dataclasses
+
+    global CHECK_EMPTY_FILES
+    full = dataclasses.replace(cfg, train_per_class=None, test_per_class=None)
+    CHECK_EMPTY_FILES = False
+    try:
+        train, test, info = load_dataset(full, cfg.image_size or 224)
+    finally:
+        CHECK_EMPTY_FILES = True
+    where = info.extra.get("data_path") or cfg.data_root
+    if train.paths is None and test.paths is None:
+        md5 = info.extra.get("files_md5_ok")
+        md5_text = "" if md5 is None else f"; files match the official MD5s: {'yes' if md5 else 'no'}"
+        return (f"{cfg.name}: {len(train) + len(test)} images held in memory, all decoded when loaded from "
+                f"{where}{md5_text}"), []
+    n, bad = verify_images([("train", train), ("test", test)], progress)
+    return f"{cfg.name}: {n - len(bad)} of {n} images under {where} open", bad
+
+
+def verify_images(splits: Sequence[Tuple[str, DatasetSplit]], progress: bool = True) -> Tuple[int, List[Tuple[str, str]]]:
+    """Decode every image of file-based splits; returns (images checked, [(path, reason)]) of the unreadable ones."""
+    from torchvision.io import ImageReadMode, decode_image
+    from tqdm import tqdm
+
+    todo = [(name, p) for name, sp in splits if sp.paths is not None for p in sp.paths]
+    bad: List[Tuple[str, str]] = []
+    for _, path in tqdm(todo, desc="check-data", unit="img", disable=not progress, dynamic_ncols=True):
+        try:
+            img = decode_image(path, mode=ImageReadMode.RGB)
+            if img.ndim != 3 or img.shape[-1] == 0 or img.shape[-2] == 0:
+                raise ValueError(f"decoded to shape {tuple(img.shape)}")
+        except Exception as e:
+            bad.append((path, image_error_reason(e)))
+    return len(todo), bad
 
 
 def _missing(what: str, layout: str, source: str, detail: str = "") -> DataError:
@@ -209,12 +293,46 @@ def load_synthetic(cfg: BenchmarkConfig, image_size: int) -> Tuple[DatasetSplit,
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles containers, strings, numbers and numpy arrays only: a pickle that names any other
+    callable (``os.system``, ``builtins.eval``, ...) is refused before anything runs."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a data file has no reason to call; refused")
+
+
 def _read_cifar_pickle(path: Path) -> dict:
     # The python version of CIFAR is a pickle of a dict with bytes keys (read as latin1, like
     # torchvision). We read it here instead of through torchvision.datasets.CIFAR100, whose
-    # constructor insists on the official MD5s; those are recorded instead (cifar_md5_ok).
+    # constructor insists on the official MD5s (those are recorded instead: files_md5_ok), and with
+    # a restricted unpickler, so that a planted file cannot run code whatever its MD5.
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+        return _ArraysOnlyUnpickler(f, encoding="latin1").load()
+
+
+def _remove_created(before: Dict[Path, bool]) -> None:
+    """After a failed download: remove the files and folders it created (they did not exist before)."""
+    import shutil
+
+    for path, existed in sorted(before.items(), key=lambda kv: len(kv[0].parts)):
+        if existed or not (path.exists() or path.is_symlink()):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
 
 @register_dataset("cifar100", default_tasks=10)
@@ -235,9 +353,11 @@ def load_cifar100(cfg: BenchmarkConfig, image_size: int) -> Tuple[DatasetSplit, 
     if not all(f.is_file() for f in files):
         if offline():
             raise _missing("CIFAR-100", layout, CIFAR100_URL, "downloads are disabled by PROMPTCL_OFFLINE")
+        before = {q: q.exists() for q in (root, folder, root / CIFAR100.filename)}
         try:
             CIFAR100(str(root), train=True, download=True)
         except Exception as e:  # no network, a full disk, a broken archive
+            _remove_created(before)
             raise _missing("CIFAR-100", layout, CIFAR100_URL, f"the download failed with {type(e).__name__}") from None
     try:
         meta = _read_cifar_pickle(folder / "meta")
@@ -251,7 +371,7 @@ def load_cifar100(cfg: BenchmarkConfig, image_size: int) -> Tuple[DatasetSplit, 
                 raise ValueError("data and fine_labels differ in length")
             splits.append(DatasetSplit(targets, images=torch.from_numpy(data.copy()), class_names=names))
     except Exception as e:
-        raise DataError(f"CIFAR-100 files under {folder} are unreadable ({type(e).__name__}: {e}); "
+        raise DataError(f"CIFAR-100 files under {folder} are unreadable ({type(e).__name__}: {str(e).rstrip('.')}); "
                         f"expected {layout} from {CIFAR100_URL}") from None
     md5s = {n: m for n, m in CIFAR100.train_list + CIFAR100.test_list}
     md5s["meta"] = CIFAR100.meta["md5"]
@@ -290,11 +410,19 @@ def _find_idx(folder: Path, name: str) -> Optional[Path]:
 
 
 def find_fashion_mnist(data_root: str | Path) -> Optional[Dict[str, Path]]:
-    """The four idx files (plain or gzipped) from the first candidate folder holding all of them."""
+    """The four idx files (plain or gzipped) from the first candidate folder holding all of them.
+
+    A folder under ``data_root`` holding only some of them is an error, never a reason to use
+    another copy (the system one) in its place.
+    """
     for folder in fashion_mnist_candidates(data_root):
         found = {k: _find_idx(folder, n) for k, n in FASHION_MNIST_FILES.items()}
         if all(found.values()):
             return found  # type: ignore[return-value]
+        if any(found.values()) and folder != FASHION_MNIST_DEBIAN:
+            missing = ", ".join(n for k, n in FASHION_MNIST_FILES.items() if found[k] is None)
+            raise DataError(f"Fashion-MNIST in {folder} is incomplete: {missing} (or .gz) is missing; add it, or point "
+                            f"--data-root at a folder that holds all four files (no other copy is used in its place)")
     return None
 
 
@@ -329,15 +457,25 @@ def load_fashion_mnist(cfg: BenchmarkConfig, image_size: int) -> Tuple[DatasetSp
     files = find_fashion_mnist(cfg.data_root)
     detail = "downloads are disabled by PROMPTCL_OFFLINE" if offline() else ""
     if files is None and not offline():
+        root = Path(cfg.data_root)
+        before = {q: q.exists() for q in (root, root / "FashionMNIST", root / "FashionMNIST" / "raw")}
         try:
             from torchvision.datasets import FashionMNIST
 
             FashionMNIST(str(cfg.data_root), train=True, download=True)
         except Exception as e:  # reported below as missing files, with where to get them
             detail = f"the download failed with {type(e).__name__}"
+            _remove_created(before)  # no empty FashionMNIST/raw/ (or half a download) is left behind
         files = find_fashion_mnist(cfg.data_root)
     if files is None:
         raise _missing("Fashion-MNIST", layout, source, detail)
+    users = [c.resolve() for c in fashion_mnist_candidates(cfg.data_root)[:-1]]  # the folders under --data-root
+    if files["train_images"].parent == FASHION_MNIST_DEBIAN and FASHION_MNIST_DEBIAN.resolve() not in users:
+        import sys
+
+        # said loudly (and recorded as scenario.data_path): the data is not under --data-root
+        print(f"note: Fashion-MNIST is not under {cfg.data_root}; using the system copy in {FASHION_MNIST_DEBIAN}",
+              file=sys.stderr, flush=True)
     try:
         arrays = {k: read_idx(p) for k, p in files.items()}
         splits = []
@@ -520,9 +658,19 @@ def load_imagenet_r(cfg: BenchmarkConfig, image_size: int) -> Tuple[DatasetSplit
             "split_file_origin": [CODA_SPLIT_SHA256.get(s, "custom") for s in shas],
         })
 
+    moved = all((folder / d).is_dir() for d in ("train", "test"))  # already split by the DualPrompt code
+
+    def file_of(rel: str) -> str:
+        # the list names ``wnid/file``; in a folder split by the DualPrompt code the file lies in train/ or test/
+        if moved:
+            for d in ("train", "test"):
+                if (folder / d / rel).is_file():
+                    return str(folder / d / rel)
+        return str(folder / rel)
+
     def split_of(ents: List[Tuple[str, int]]) -> DatasetSplit:
         return DatasetSplit(np.array([c for _, c in ents], dtype=np.int64),
-                            paths=[str(folder / rel) for rel, _ in ents], class_names=list(names))
+                            paths=[file_of(rel) for rel, _ in ents], class_names=list(names))
 
     if not train_e or not test_e:
         raise DataError(f"ImageNet-R under {folder} has too few images for a train and a test split; expected {layout}")

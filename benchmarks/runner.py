@@ -40,7 +40,7 @@ from benchmarks.protocol import (
     train_phase,
 )
 from benchmarks.scenarios import Scenario, build_scenario
-from benchmarks.store import RunStore, config_hash, now, run_dir
+from benchmarks.store import CHECKPOINT_FORMAT, DamagedFileError, RunStore, config_hash, now, run_dir, validate_tag
 from methods.backbones import BackboneInfo, create_backbone
 from methods.base import ContinualMethod, Task
 from methods.registry import create_method
@@ -51,6 +51,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class RunError(RuntimeError):
     """A run cannot start (e.g. an incompatible checkpoint on --resume); one sentence."""
+
+
+class DamagedResultError(RunError):
+    """The run folder's result.json is damaged (not JSON, or not matching its SHA-256); sweeps skip and name it."""
 
 
 def git_commit() -> Dict[str, Any]:
@@ -106,6 +110,7 @@ class Prepared:
     method: ContinualMethod
     benchmark_label: str
     method_label: str
+    stale_writer: Optional[str] = None  # set by run_prepared: the killed writer a stale 'running' names
 
 
 def benchmark_label(cfg: RunConfig, default_tasks: int) -> str:
@@ -117,6 +122,7 @@ def benchmark_label(cfg: RunConfig, default_tasks: int) -> str:
 
 def prepare(cfg: RunConfig, tag: Optional[str] = None) -> Prepared:
     """Validate and build device, backbone, scenario and method (no file is written)."""
+    validate_tag(tag)
     device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device)
     seed_everything(derive_seed(cfg.seed, "init"))
@@ -130,6 +136,7 @@ def prepare(cfg: RunConfig, tag: Optional[str] = None) -> Prepared:
     from benchmarks.speed import apply_run_options
 
     apply_run_options(method, cfg)  # --compile: torch.compile the backbone passes (lazily, at first call)
+    check_epochs(cfg, method, scenario)
     from benchmarks.datasets import _DEFAULT_TASKS
 
     label = benchmark_label(cfg, _DEFAULT_TASKS.get(cfg.benchmark.name, cfg.benchmark.num_tasks))
@@ -225,6 +232,7 @@ def run_path(cfg: RunConfig, out: str | Path, tag: Optional[str] = None) -> Path
     """``<out>/<benchmark>/<method[@tag]>/seed<k>`` of a config, without building anything."""
     from benchmarks.datasets import _DEFAULT_TASKS
 
+    validate_tag(tag)
     label = benchmark_label(cfg, _DEFAULT_TASKS.get(cfg.benchmark.name, cfg.benchmark.num_tasks))
     return run_dir(out, label, cfg.method_name if not tag else f"{cfg.method_name}@{tag}", cfg.seed)
 
@@ -244,7 +252,11 @@ def plan_run(cfg: RunConfig, path: str | Path, resume: bool = False, overwrite: 
     chash = config_hash(cfg.to_dict())
     done = store.is_done()
     if done and not overwrite:
-        if store.read_result().get("config_hash") == chash:
+        try:
+            stored_hash = store.read_result().get("config_hash")
+        except DamagedFileError as e:
+            raise DamagedResultError(f"{e}; remove it or pass --overwrite to run again") from None
+        if stored_hash == chash:
             return RunPlan(store, chash, "skip")
         if not resume:
             raise RunError(f"{store.result_path} holds a result with a different config; use --overwrite or another --out")
@@ -256,13 +268,17 @@ def plan_run(cfg: RunConfig, path: str | Path, resume: bool = False, overwrite: 
                            f"or --overwrite to start again")
         return RunPlan(store, chash, "start")
     try:
-        ckpt = store.load_checkpoint()
+        ckpt = store.load_checkpoint(verify=False)  # weights_only: a planted pickle runs nothing
     except ValueError as e:
         raise RunError(f"{e}; remove it or drop --resume") from None
     if ckpt is None:
         return RunPlan(store, chash, "start")
     if ckpt.get("method") != cfg.method_name or ckpt.get("config_hash") != chash:
         raise RunError(f"the checkpoint in {store.path} was made by a different method or config; remove it or drop --resume")
+    try:  # after the identity check, so that a whole checkpoint of another run is named as such
+        store.verify_checkpoint()
+    except DamagedFileError as e:
+        raise RunError(f"{e}; remove it or drop --resume") from None
     return RunPlan(store, chash, "resume", ckpt)
 
 
@@ -284,6 +300,15 @@ def validate_configs(cfgs: List[RunConfig], tag: Optional[str] = None) -> None:
         prepare(probe, tag=tag)
 
 
+def plan_all(cfgs: List[RunConfig], out: str | Path, tag: Optional[str], resume: bool, overwrite: bool) -> None:
+    """Inspect every run folder (no write) before the first run starts: a live writer, a damaged
+    result or an unusable checkpoint in run 3 of 5 stops the command before runs 1 and 2."""
+    for cfg in cfgs:
+        path = run_path(cfg, out, tag)
+        RunStore(path).refuse_if_written()
+        plan_run(cfg, path, resume, overwrite, writable=False)
+
+
 def describe_position(ckpt: Dict[str, Any], num_tasks: int) -> str:
     pos = ckpt.get("position")
     if pos is None:
@@ -298,8 +323,89 @@ def _rank_rng(ckpt: Dict[str, Any], dctx: dist_util.DistContext) -> Optional[Dic
     return rngs[dctx.rank] if len(rngs) == dctx.world_size else rngs[0]
 
 
+def check_epochs(cfg: RunConfig, method: ContinualMethod, sc: Scenario) -> None:
+    """``train.epochs`` must be at least 1 for a method that trains (NCM trains nothing: 0 is its preset)."""
+    if cfg.train.epochs >= 1:
+        return
+    try:
+        phases = method.phases(sc.tasks[0])
+    except Exception:  # phases may need begin_task; then the method trains with the run's epochs
+        phases = [None]
+    for ph in phases:
+        epochs = (ph.train or {}).get("epochs", cfg.train.epochs) if ph is not None else cfg.train.epochs
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"train.epochs={cfg.train.epochs}: {cfg.method_name} trains, so it needs at least 1 epoch")
+
+
 def run_prepared(p: Prepared, out: str | Path, resume: bool = False, overwrite: bool = False,
                  log_to_stdout: bool = True) -> Dict[str, Any]:
+    """Plan the run, become the folder's only writer, then train (:func:`_run_planned`).
+
+    The folder is locked (``RunStore.lock``: a second process is refused with one sentence
+    naming the live pid) and planned again under the lock. Whatever ends the run, no
+    ``status: running`` is left behind by this process, and an ``--overwrite`` that does not get
+    to write its result puts back the config.yaml of the result that is kept.
+    """
+    dctx = dist_util.current()
+    path = run_dir(out, p.benchmark_label, p.method_label, p.cfg.seed)
+    if dctx.is_main:
+        RunStore(path).refuse_if_written()  # a live writer is the first thing to tell
+    plan = plan_run(p.cfg, path, resume, overwrite, writable=dctx.is_main)
+    if plan.action == "skip" or not dctx.is_main:
+        return _run_planned(p, plan, dctx, log_to_stdout)
+    store = plan.store
+    store.lock()
+    try:
+        plan = plan_run(p.cfg, path, resume, overwrite)  # again: the folder may have changed before we held it
+        plan.store = store
+        stale = store.status() if plan.action != "skip" else None
+        if stale and stale.get("status") == "running":
+            p.stale_writer = f"process {stale.get('pid')} on {stale.get('host')}"
+        # the config.yaml of an existing result, kept by a hard link (needs no space) until the new
+        # result is written, so that a failed --overwrite puts it back
+        config, kept = store.path / "config.yaml", store.path / ".config.yaml.kept"
+        keep = store.result_path.exists() and config.is_file()
+        old_config: Optional[bytes] = None
+        if keep:
+            kept.unlink(missing_ok=True)
+            try:
+                os.link(config, kept)
+            except OSError:  # a file system without hard links: keep the bytes (rewriting needs space)
+                old_config = config.read_bytes()
+        old_result = store.result_path.read_bytes() if keep else None
+        try:
+            result = _run_planned(p, plan, dctx, log_to_stdout)
+        except BaseException as e:
+            _after_failure(store, e)
+            if keep and store.result_path.read_bytes() == old_result:
+                if old_config is None:
+                    os.replace(kept, config)  # a rename: works on a full disk too
+                else:
+                    try:
+                        from benchmarks.store import atomic_write_text
+
+                        atomic_write_text(config, old_config.decode())
+                    except Exception:
+                        pass  # the kept result.json carries its own config
+            raise
+        finally:
+            kept.unlink(missing_ok=True)
+        return result
+    finally:
+        store.unlock()
+
+
+def _after_failure(store: RunStore, e: BaseException) -> None:
+    """No false ``running`` status is left behind by this process."""
+    try:
+        st = store.status() or {}
+        if st.get("status") == "running" and st.get("pid") == os.getpid():
+            store.set_status("failed", error=f"{type(e).__name__}: {e}", finished=now())
+    except Exception:
+        store.drop_status()  # even a small write fails (a full disk): no status beats a false one
+
+
+def _run_planned(p: Prepared, plan: RunPlan, dctx: dist_util.DistContext, log_to_stdout: bool) -> Dict[str, Any]:
     """Train and evaluate every task, writing the run directory. Returns the result dict.
 
     Checkpoints (``checkpoint.pt``, atomic) hold everything needed to continue exactly: the
@@ -315,9 +421,6 @@ def run_prepared(p: Prepared, out: str | Path, resume: bool = False, overwrite: 
     counters, class statistics) lives in the state_dict (parameters, buffers or
     ``get_extra_state``), so loading it after the replay restores the method exactly.
     """
-    dctx = dist_util.current()
-    path = run_dir(out, p.benchmark_label, p.method_label, p.cfg.seed)
-    plan = plan_run(p.cfg, path, resume, overwrite, writable=dctx.is_main)
     cfg, method, sc, store, chash = p.cfg, p.method, p.scenario, plan.store, plan.chash
     verbose = log_to_stdout and not cfg.quiet and dctx.is_main
     if plan.action == "skip":
@@ -363,6 +466,8 @@ def run_prepared(p: Prepared, out: str | Path, resume: bool = False, overwrite: 
     run = RunContext(cfg, sc, p.device, p.amp, QueryCache(cfg.query_cache), log=log,
                      progress=verbose and sys.stderr.isatty(),
                      train_deterministic=cfg.benchmark.train_transform == "none", dist=dctx)
+    if p.stale_writer:
+        log(f"status.json said running, but {p.stale_writer} no longer holds the folder (it was killed)")
     if ckpt is not None:
         log(f"resumed from {store.checkpoint_path} {describe_position(ckpt, T)}")
     task_t0 = [time.time()]
@@ -375,7 +480,7 @@ def run_prepared(p: Prepared, out: str | Path, resume: bool = False, overwrite: 
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 raise NonFiniteLossError(f"{method.name}: '{k}' became NaN or infinite")
         store.save_checkpoint({
-            "format": 2, "task": last_done, "position": position, "method": cfg.method_name, "config_hash": chash,
+            "format": CHECKPOINT_FORMAT, "task": last_done, "position": position, "method": cfg.method_name, "config_hash": chash,
             "state": state, "acc": acc, "tii": tii, "seen_acc": seen_acc, "selection": selection, "timing": timing,
             "rng": rngs, "world_size": dctx.world_size,
         })
@@ -464,7 +569,10 @@ def run_prepared(p: Prepared, out: str | Path, resume: bool = False, overwrite: 
                 store.set_status("interrupted", signal=name, finished=now(), **meta,
                                  error="stopped at once (a second signal, or KeyboardInterrupt); the last checkpoint is kept")
                 raise
-            store.set_status("failed", error=f"{type(e).__name__}: {e}", finished=now(), **meta)
+            try:
+                store.set_status("failed", error=f"{type(e).__name__}: {e}", finished=now(), **meta)
+            except Exception:  # a full disk: the original error is the one to tell; no false 'running'
+                store.drop_status()
             if isinstance(e, NonFiniteLossError):
                 kept = (f"the last good checkpoint is kept in {store.checkpoint_path}" if store.checkpoint_path.exists()
                         else f"no checkpoint had been saved yet in {store.path}")

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -60,8 +59,9 @@ class Entry:
     tag: Optional[str]
     path: Path
     action: str = "start"  # from runner.plan_run: skip | resume | start
-    status: str = "pending"  # done | failed | skipped | interrupted | pending
+    status: str = "pending"  # done | failed | skipped | interrupted | damaged | pending
     error: str = ""
+    note: str = ""
 
     def spec(self, out: str, overwrite: bool) -> Dict[str, Any]:
         """What a worker needs to run it: the resolved config, not the command line."""
@@ -159,31 +159,23 @@ def plan(entries: List[Entry], overwrite: bool) -> None:
         by_tag.setdefault(e.tag, []).append(e.cfg)
     for tag, cfgs in by_tag.items():
         validate_configs(cfgs, tag=tag)
-    for e in entries:
-        e.action = plan_run(e.cfg, e.path, resume=not overwrite, overwrite=overwrite).action
-        if e.action == "skip":
-            e.status = "skipped"
-        pid = _running_here(e.path)
-        if pid is not None:  # another process on this machine is running it right now
-            e.action, e.status, e.error = "skip", "skipped", f"still running in process {pid}"
-
-
-def _running_here(path: Path) -> Optional[int]:
-    """The pid of a live process of this machine that holds the run, per status.json, else None."""
+    from benchmarks.runner import DamagedResultError
     from benchmarks.store import RunStore
 
-    st = RunStore(path).status() or {}
-    pid = st.get("pid")
-    if st.get("status") != "running" or st.get("host") != socket.gethostname() or not isinstance(pid, int) \
-            or pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None  # killed: its checkpoint is resumed
-    except PermissionError:
-        pass
-    return pid
+    for e in entries:
+        try:
+            e.action = plan_run(e.cfg, e.path, resume=not overwrite, overwrite=overwrite).action
+        except DamagedResultError as err:  # skipped and named (counted in the summary); the others go on
+            e.action, e.status, e.error = "skip", "damaged", str(err)
+            continue
+        if e.action == "skip":
+            e.status = "skipped"
+        store = RunStore(e.path)
+        writer = store.writer()
+        if writer is not None:  # another process holds the folder's lock right now
+            e.action, e.status, e.error = "skip", "skipped", f"still running in {writer}"
+        elif store.is_stale():
+            e.note = "status said running, but its process was killed"
 
 
 # --- the run function every launcher calls -------------------------------------------------
@@ -362,8 +354,9 @@ def _last_error(path: Path, log: Path) -> str:
 # --- command -------------------------------------------------------------------------------
 
 def summary(entries: List[Entry]) -> str:
-    counts = {k: sum(e.status == k for e in entries) for k in ("done", "failed", "skipped", "interrupted", "pending", "submitted")}
-    head = "sweep: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("done", "failed", "skipped"))
+    counts = {k: sum(e.status == k for e in entries)
+              for k in ("done", "failed", "skipped", "damaged", "interrupted", "pending", "submitted")}
+    head = "sweep: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("done", "failed", "skipped", "damaged"))
     lines = [head]
     for e in entries:
         lines.append(f"  {e.status:<12} {e.path}" + (f"  ({e.error.splitlines()[0][:300]})" if e.error else ""))
@@ -373,15 +366,25 @@ def summary(entries: List[Entry]) -> str:
 def cli(args: argparse.Namespace) -> int:
     """``bench.py sweep``; exit 0 when every run is done or skipped, 1 when one failed,
     128 + signal when the sweep was interrupted, 2 for bad input (nothing launched)."""
+    from benchmarks.store import check_out_folder
+
+    check_out_folder(args.out)
     entries = expand(args)
     plan(entries, args.overwrite)
     pending = [e for e in entries if e.action != "skip"]
+    damaged = [e for e in entries if e.status == "damaged"]
+    if damaged:
+        print(f"sweep: {len(damaged)} damaged result.json skipped (named below); remove them or pass --overwrite",
+              file=sys.stderr, flush=True)
     if args.dry_run:
         for e in entries:
-            print(f"  {'skip (done)' if e.action == 'skip' else e.action:<12} {e.path}")
-        print(f"sweep (dry run): {len(pending)} to run, {len(entries) - len(pending)} already done")
-        return 0
-    print(f"sweep: {len(entries)} runs, {len(pending)} to run, {len(entries) - len(pending)} already done "
+            what = "damaged" if e.status == "damaged" else ("skip (done)" if e.action == "skip" else e.action)
+            extra = e.error or e.note
+            print(f"  {what:<12} {e.path}" + (f"  ({extra})" if extra else ""))
+        print(f"sweep (dry run): {len(pending)} to run, {len(entries) - len(pending) - len(damaged)} already done, "
+              f"{len(damaged)} damaged")
+        return 1 if damaged else 0
+    print(f"sweep: {len(entries)} runs, {len(pending)} to run, {len(entries) - len(pending) - len(damaged)} already done "
           f"({args.launcher}{'' if args.launcher == 'slurm' or not args.gpus else f', {args.gpus} processes'})", flush=True)
     if not pending:
         signum = None
@@ -394,7 +397,7 @@ def cli(args: argparse.Namespace) -> int:
     print(summary(entries), flush=True)
     if signum:
         return 128 + signum
-    return 1 if any(e.status == "failed" for e in entries) else 0
+    return 1 if any(e.status in ("failed", "damaged") for e in entries) else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

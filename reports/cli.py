@@ -61,19 +61,14 @@ def parse_metrics(text: Optional[str | Sequence[str]]) -> List[str]:
     return names
 
 
-def _clear_stale(folder: Path) -> None:
-    """Remove files of an earlier report in our own sub-folders (tables/, plots/) only."""
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.is_file() and p.suffix in OWNED_EXTENSIONS:
-                p.unlink()
-
-
 def build_report(runs: str | Path, out: str | Path, cost: Optional[str | Path] = None,
                  compare: Optional[Sequence[str]] = None, metrics: Sequence[str] = T.DEFAULT_METRICS,
                  references: str | Path = REFERENCE_DIR) -> ReportOutput:
     """Load, tabulate, plot and write everything; see the module docstring for the layout."""
     t0 = time.time()
+    from benchmarks.store import check_out_folder
+
+    check_out_folder(out)
     rs = load_runs(runs)
     cost_frames = load_cost(cost)
     cost_csv = cost_frames.get("cost")
@@ -96,24 +91,97 @@ def build_report(runs: str | Path, out: str | Path, cost: Optional[str | Path] =
     if cost_csv is not None and not cost_csv.empty:
         tables["cost"] = T.cost_table(cost_csv)
     tables["runs"] = runs_table(rs, metrics)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tdir, pdir = out / "tables", out / "plots"
-    _clear_stale(tdir)
-    _clear_stale(pdir)
-    files = {k: R.write_table(t, tdir) for k, t in tables.items()}
-    rs.runs.to_csv(out / "runs.csv", index=False)
-    rs.acc.to_csv(out / "acc_long.csv", index=False)
-    rs.curves.to_csv(out / "curves.csv", index=False)
+    if rs.skipped:  # every output says how many results it does not show
+        for t in tables.values():
+            t.notes.append(f"{len(rs.skipped)} result file{'s' if len(rs.skipped) > 1 else ''} skipped as unreadable "
+                           f"(named in report.md, report.html and skipped.csv).")
+    final = Path(out)
+    # everything is written into a temporary folder beside the report, then swapped in: a failure
+    # (a full disk) leaves the previous report whole and no half-written file
+    work = _work_folder(final)
+    try:
+        out = work
+        tdir, pdir = out / "tables", out / "plots"
+        files = {k: R.write_table(t, tdir) for k, t in tables.items()}
+        rs.runs.to_csv(out / "runs.csv", index=False)
+        rs.acc.to_csv(out / "acc_long.csv", index=False)
+        rs.curves.to_csv(out / "curves.csv", index=False)
+        if rs.skipped:
+            import pandas as pd
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module="matplotlib")  # layout chatter (tight_layout with colorbars)
-        warnings.filterwarnings("ignore", module="seaborn")
-        plots, captions = make_plots(rs, main, cost_frames, pdir)
-    (out / "report.md").write_text(R.markdown_document("PromptCL-Bench report", list(tables.values()), _meta(rs, runs, cost)))
-    html_path = out / "report.html"
-    html_path.write_text(_html(rs, runs, cost, tables, plots, captions, out))
-    return ReportOutput(out, html_path, main, tables, files, plots, time.time() - t0)
+            pd.DataFrame({"skipped": rs.skipped}).to_csv(out / "skipped.csv", index=False)
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="matplotlib")  # layout chatter (tight_layout with colorbars)
+            warnings.filterwarnings("ignore", module="seaborn")
+            plots, captions = make_plots(rs, main, cost_frames, pdir)
+        (out / "report.md").write_text(R.markdown_document("PromptCL-Bench report", list(tables.values()), _meta(rs, runs, cost)))
+        (out / "report.html").write_text(_html(rs, runs, cost, tables, plots, captions, out))
+        _swap_in(work, final)
+    except BaseException as e:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        if _disk_full(e):
+            from benchmarks.store import disk_full_error
+
+            raise disk_full_error(final) from None
+        raise
+    moved = lambda d: {k: final / v.relative_to(work) for k, v in d.items()}  # noqa: E731
+    files = {k: moved(v) for k, v in files.items()}
+    plots = {k: moved(v) for k, v in plots.items()}
+    return ReportOutput(final, final / "report.html", main, tables, files, plots, time.time() - t0)
+
+
+def _disk_full(e: BaseException) -> bool:
+    from benchmarks.store import is_disk_full
+
+    seen = 0
+    while e is not None and seen < 10:
+        if is_disk_full(e) or "No space left" in str(e):
+            return True
+        e, seen = (e.__cause__ or e.__context__), seen + 1
+    return False
+
+
+def _work_folder(final: Path) -> Path:
+    import tempfile
+
+    from benchmarks.store import disk_full_error, file_mode, is_disk_full
+
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+        work.chmod(file_mode() | ((file_mode() & 0o444) >> 2))  # a folder's mode under the umask (mkdtemp: 0700)
+        return work
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(final) from None
+        raise
+
+
+def _swap_in(work: Path, final: Path) -> None:
+    """Replace ``final`` by ``work`` with renames (no new space needed); files of the old folder that the
+    report does not own (anything but its outputs, and in tables/ and plots/ anything but
+    OWNED_EXTENSIONS) are carried over."""
+    import os
+    import shutil
+
+    if not final.is_dir():
+        os.replace(work, final)
+        return
+    for child in final.iterdir():
+        if child.name in ("tables", "plots") and child.is_dir():
+            (work / child.name).mkdir(exist_ok=True)
+            for f in child.iterdir():
+                if not (f.is_file() and f.suffix in OWNED_EXTENSIONS) and not (work / child.name / f.name).exists():
+                    os.replace(f, work / child.name / f.name)
+        elif not (work / child.name).exists() and child.name not in ("skipped.csv",):
+            os.replace(child, work / child.name)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.replace(final, old)
+    os.replace(work, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def runs_table(rs: RunSet, metrics: Sequence[str]) -> T.Table:
@@ -195,6 +263,9 @@ def _meta(rs: RunSet, runs, cost) -> List[str]:
     meta = [f"Generated {now} from {len(rs.runs)} stored results under {runs} (benchmarks: {benches}); nothing was re-run.",
             f"Cost folder: {cost}" if cost else "Cost folder: none (pass --cost with a 'bench.py cost' output folder).",
             "± is the sample standard deviation over seeds (ddof=1)."]
+    if rs.skipped:
+        meta.append(f"Skipped {len(rs.skipped)} unreadable result file{'s' if len(rs.skipped) > 1 else ''}: "
+                    + "; ".join(rs.skipped))
     return meta
 
 
@@ -225,6 +296,11 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of ``bench.py report``: build the report, print the main table and the page's path."""
     res = build_report(args.runs, args.out, getattr(args, "cost", None), getattr(args, "compare", None),
                        parse_metrics(getattr(args, "metrics", None)), getattr(args, "references", None) or REFERENCE_DIR)
+    skipped = [s for s in res.tables["runs"].notes if "skipped as unreadable" in s]
+    if skipped:
+        import sys
+
+        print(f"report: {skipped[0]}", file=sys.stderr, flush=True)
     if not getattr(args, "quiet_report", False):
         print(res.main_markdown)
         if "compare" in res.tables:

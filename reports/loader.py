@@ -15,7 +15,6 @@ per metric for the whole suite).
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import pandas as pd
 
 from benchmarks import metrics as M
 from benchmarks.config import ConfigError
+from benchmarks.store import read_result_file
 
 METRIC_KEYS = ("faa", "caa", "ffm", "ffm_prior", "coda_f", "bwt")
 # cost keys copied into the run frame as cost_<key> (whatever else the block holds is kept in `results`)
@@ -107,12 +107,11 @@ def load_runs(root: str | Path) -> RunSet:
     skipped: List[str] = []
     for p in paths:
         try:
-            res = json.loads(p.read_text())
-            M.as_matrix(res["acc_matrix"])  # validates shape and the lower triangle
-            for key in ("benchmark", "method", "seed"):
-                res[key]  # noqa: B018 -- KeyError if absent
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            skipped.append(f"{p}: {type(e).__name__}: {e}")
+            res = read_result_file(p)  # JSON object, matching result.json.sha256 when there is one
+            check_result_fields(res)
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            why = str(e) if isinstance(e, (ValueError, TypeError)) else f"{type(e).__name__}: {e}"
+            skipped.append(f"{p}: {why.replace(str(p) + ' ', '')}")
             continue
         results[str(p.parent.relative_to(root))] = res
     if not results:
@@ -121,6 +120,43 @@ def load_runs(root: str | Path) -> RunSet:
         warnings.warn(f"skipped unreadable result {s}", stacklevel=2)
     results = _drop_duplicates(results)
     return _frames(root, results, skipped)
+
+
+def check_result_fields(res: Dict[str, Any]) -> None:
+    """Raise ValueError naming the first field of a result that a report cannot use.
+
+    A result without ``is_baseline`` (older versions) gets it from the method registry; one of a
+    method that is no longer registered is refused rather than ranked as a method.
+    """
+    M.as_matrix(res["acc_matrix"])  # validates shape and the lower triangle (KeyError if absent)
+    for key in ("benchmark", "method"):
+        if not isinstance(res.get(key), str) or not res[key]:
+            raise ValueError(f"field '{key}' is {res.get(key)!r}, not a name")
+    if not isinstance(res.get("seed"), int) or isinstance(res.get("seed"), bool):
+        raise ValueError(f"field 'seed' is {res.get('seed')!r}, not an integer")
+    for key in ("is_baseline", "is_upper_bound"):
+        if key in res and not isinstance(res[key], bool):
+            raise ValueError(f"field '{key}' is {res[key]!r}, not true or false")
+    for key in ("metrics", "cost", "config", "env", "timing", "scenario", "diagnostics"):
+        if res.get(key) is not None and not isinstance(res[key], dict):
+            raise ValueError(f"field '{key}' is {type(res[key]).__name__}, not a mapping")
+    for k, v in (res.get("metrics") or {}).items():
+        if k in METRIC_KEYS and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"field 'metrics.{k}' is {v!r}, not a number")
+    if res.get("acc_seen_samples") is not None and not isinstance(res["acc_seen_samples"], list):
+        raise ValueError("field 'acc_seen_samples' is not a list")
+    tii = res.get("tii_matrix")
+    if tii is not None and not (isinstance(tii, list) and all(isinstance(r, list) for r in tii)):
+        raise ValueError("field 'tii_matrix' is not a matrix")
+    if "is_baseline" not in res:
+        name = res.get("method_name") or (res.get("config") or {}).get("method_name") or res["method"].split("@")[0]
+        try:
+            from methods.registry import get_method_class
+
+            res["is_baseline"] = bool(get_method_class(str(name)).is_baseline)
+        except Exception:
+            raise ValueError(f"field 'is_baseline' is missing and method '{name}' is not registered, so it cannot be "
+                             f"told apart from a baseline") from None
 
 
 def _drop_duplicates(results: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
