@@ -235,3 +235,19 @@ class CosineHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.sigma * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+
+
+# --- first-session adaptation (APER, RanPAC) -------------------------------------------------
+
+def first_session_head(task_classes: int, dim: int) -> CosineHead:
+    """The phase-1 head: a CosineLinear over the first task's classes only (so no logit masking
+    is involved; the reference heads are ``update_fc(init_cls)``)."""
+    return CosineHead(dim, task_classes)
+
+
+def pad_logits(logits: Tensor, start: int, num_classes: int) -> Tensor:
+    """Place a block of per-task logits at columns ``start..`` of a (B, num_classes) tensor whose
+    other entries are -inf (they take no part in the softmax, as in a head of the task's size)."""
+    full = logits.new_full((logits.shape[0], num_classes), float("-inf"))
+    full[:, start : start + logits.shape[1]] = logits
+    return full
