@@ -1,0 +1,162 @@
+"""APER and RanPAC on hand-made numbers: ridge algebra, λ choice, accumulation, prototype order."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.config import ConfigError
+from methods.aper import APER, merged_prototype_logits
+from methods.backbones import build_model
+from methods.base import Task
+from methods.ranpac import RanPAC, choose_ridge, random_features, ridge_readout
+from methods.vit import PromptedViT
+
+
+@pytest.fixture
+def pv():
+    torch.manual_seed(0)
+    return PromptedViT(build_model("vit_micro_patch8_32"))
+
+
+def _task(i, per=3, n=2):
+    return Task(i, n, i * per, (i + 1) * per, [k * per for k in range(n + 1)])
+
+
+class FakeCtx:
+    """The two TaskContext members the methods use: seeded generators and features(fn)."""
+
+    def __init__(self, images=None, labels=None, feats=None):
+        self.images, self.labels, self.feats = images, labels, feats
+        self.logs = []
+
+    def generator(self, *parts):
+        return torch.Generator().manual_seed(abs(hash(parts)) % (2 ** 31))
+
+    def features(self, fn, transform="train"):
+        assert transform == "test"  # both reference codes use the test transform for prototypes / G
+        if self.feats is not None:
+            return self.feats, self.labels
+        with torch.no_grad():
+            return fn(self.images), self.labels
+
+    def log(self, msg):
+        self.logs.append(msg)
+
+
+# --- RanPAC --------------------------------------------------------------------------------
+
+def test_ridge_readout_closed_form():
+    G = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
+    Q = torch.tensor([[1.0], [0.0]])
+    # (G + I)^-1 = [[3, -1], [-1, 3]] / 8, times Q = [3/8, -1/8]
+    assert torch.allclose(ridge_readout(G, Q, 1.0), torch.tensor([[0.375, -0.125]]))
+
+
+def test_choose_ridge_hand_derived():
+    # 1-d features: fit rows h = 1 (4 rows, y = 1) -> Wo = 4 / (4 + λ); validation row h = 2, y = 1:
+    # squared error (1 - 8 / (4 + λ))²: λ=1 -> 0.36, λ=10 -> (6/14)² = 0.184, λ=100 -> 0.852
+    H = torch.tensor([[1.0], [1.0], [1.0], [1.0], [2.0]])
+    Y = torch.ones(5, 1)
+    assert choose_ridge(H, Y, [-1, 0, 1, 2, 3]) == 10.0
+    assert choose_ridge(H, Y, [0, 2], fit_fraction=0.8) == 1.0  # (1-8/5)² = .36 < (1-8/104)² = .85
+
+
+def test_random_features_relu_projection():
+    f = torch.tensor([[1.0, -2.0]])
+    w = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, -1.0]])
+    assert torch.equal(random_features(f, w), torch.tensor([[0.0, 0.0, 3.0]]))
+    assert torch.equal(random_features(f, None), f)
+
+
+def test_ranpac_state_shapes_and_counts(pv):
+    cfg = RanPAC.Config(M=50, bottleneck=8)
+    m = RanPAC(pv, 6, cfg)
+    assert m.w_rand.shape == (64, 50) and m.G.shape == (50, 50) and m.Q.shape == (50, 6) and m.Wo.shape == (6, 50)
+    assert m.state_numbers() == {"gram_matrix": 2500, "class_feature_sums": 300, "ridge_readout": 300,
+                                 "random_projection": 3200}
+    assert RanPAC(pv, 6, RanPAC.Config(M=0, bottleneck=8)).G.shape == (64, 64)  # no RP: D×D
+    assert RanPAC(pv, 6, RanPAC.Config(M=10, gram_dtype="float64")).G.dtype == torch.float64
+    with pytest.raises(ConfigError):
+        RanPAC.Config(gram_dtype="float16").validate()
+
+
+def test_ranpac_accumulates_G_and_Q_over_tasks_and_solves(pv):
+    m = RanPAC(pv, 6, RanPAC.Config(M=4, bottleneck=8, ridge_exponents=[-2, 0, 2]))
+    torch.manual_seed(3)
+    H1, y1 = torch.rand(10, 4), torch.tensor([0, 1, 2] * 3 + [0])
+    H2, y2 = torch.rand(10, 4), torch.tensor([3, 4, 5] * 3 + [5])
+    m.begin_task(_task(0))
+    m.end_task(_task(0), FakeCtx(labels=y1, feats=H1))
+    assert bool(m.projection_drawn) and m.w_rand.abs().sum() > 0
+    m.begin_task(_task(1))
+    m.end_task(_task(1), FakeCtx(labels=y2, feats=H2))
+    H, Y = torch.cat([H1, H2]), F.one_hot(torch.cat([y1, y2]), 6).float()
+    assert torch.allclose(m.G, H.T @ H, atol=1e-5)  # row order does not change the sums
+    assert torch.allclose(m.Q, H.T @ Y, atol=1e-5)
+    lam = m.ridges[-1]
+    assert lam in (0.01, 1.0, 100.0)
+    expected = torch.linalg.inv((H.T @ H).double() + lam * torch.eye(4, dtype=torch.float64)) @ (H.T @ Y).double()
+    assert torch.allclose(m.Wo.double(), expected.T, atol=1e-4)
+    # readout: plain linear in the projected features (no normalisation)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = F.relu(m.peft.features(x) @ m.w_rand)
+        assert torch.allclose(m(x).logits, h @ m.Wo.T, atol=1e-5)
+
+
+def test_ranpac_trains_task_one_only(pv):
+    m = RanPAC(pv, 6, RanPAC.Config(M=8, bottleneck=8))
+    m.begin_task(_task(0))
+    assert [p.name for p in m.phases(_task(0))] == ["adapt"]
+    n_adapter = 6 * (64 * 8 + 8 + 8 * 64 + 64)
+    assert sum(p.numel() for g in m.param_groups() for p in g["params"]) == n_adapter + 3 * 64 + 1  # + head, σ
+    m.begin_task(_task(1))
+    assert m.phases(_task(1)) == [] and not any(p.requires_grad for p in m.parameters())
+
+
+# --- APER ----------------------------------------------------------------------------------
+
+def test_aper_prototypes_are_frozen_then_adapted_means(pv):
+    m = APER(pv, 6, APER.Config(bottleneck=8)).eval()
+    with torch.no_grad():
+        for a in m.peft.adapters:
+            a.up.weight.normal_(0, 0.3)
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 32, 32)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    m.begin_task(_task(0))
+    m.end_task(_task(0), FakeCtx(images=x, labels=y))
+    with torch.no_grad():
+        frozen = pv.vit.forward_features(x)[:, 0]  # timm's own pass: the PTM branch
+        adapted = m.peft.features(x)
+    d = pv.embed_dim
+    assert (adapted - frozen).abs().max() > 1e-3
+    for c in range(3):
+        assert torch.allclose(m.prototypes[c, :d], frozen[y == c].mean(0), atol=1e-5)  # PTM first
+        assert torch.allclose(m.prototypes[c, d:], adapted[y == c].mean(0), atol=1e-5)
+    assert m.prototypes[3:].abs().sum() == 0
+
+
+def test_aper_one_norm_over_both_halves():
+    # feature [3, 4 | 0, 0] (norm 5) against prototypes [1, 0 | 0, 0] and [0, 0 | 0, 1]
+    feat = torch.tensor([[3.0, 4.0, 0.0, 0.0]])
+    protos = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(merged_prototype_logits(feat, protos), torch.tensor([[0.6, 0.0, 0.0]]))
+    # per-half normalisation would differ: a large PTM half dominates the joint cosine
+    big = torch.tensor([[30.0, 40.0, 0.0, 1.0]])
+    out = merged_prototype_logits(big, protos)
+    assert math.isclose(float(out[0, 1]), 1.0 / math.sqrt(2501.0), rel_tol=1e-5)
+
+
+def test_aper_variants_and_phases(pv):
+    for petl, n in [("ssf", 2 * (64 + 6 * 11 * 64 + 64)), ("vpt_deep", 6 * 5 * 64), ("vpt_shallow", 5 * 64)]:
+        m = APER(pv, 6, APER.Config(petl=petl))
+        assert sum(p.numel() for p in m.peft.parameters()) == n
+    m = APER(pv, 6, APER.Config(bottleneck=8))
+    m.begin_task(_task(0))
+    assert [p.name for p in m.phases(_task(0))] == ["adapt"] and m.phases(_task(1)) == []
+    assert m.uses_query  # the frozen branch is the protocol's cached query pass
+    with pytest.raises(ConfigError):
+        APER.Config(petl="lora").validate()
