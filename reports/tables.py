@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
+from benchmarks import diagnostics as D
 from reports import stats as S
 from reports.loader import ReportError, RunSet
 from reports.references import REFERENCE_METRICS, Reference, config_value
@@ -150,6 +151,9 @@ def main_table(rs: RunSet, metrics: Sequence[str] = DEFAULT_METRICS, cost_csv: O
                                "is_baseline": bool(first["is_baseline"]), "is_upper_bound": bool(first["is_upper_bound"]),
                                "n_seeds": len(g), "seeds": " ".join(str(s) for s in sorted(g.seed)),
                                "backbone": first["backbone"]}
+        # issue 22: what kind of method the row is (¹ task 1 only, ᴮ backbone, ˢ class statistics)
+        first_res = rs.group_results(bench, method)[0]
+        rec["traits"] = D.trait_marks((first_res.get("diagnostics") or {}).get("method_traits"))
         for m in metrics:
             mean, std, n = S.mean_std(g[m])
             rec[f"{m}_mean"], rec[f"{m}_std"], rec[f"{m}_n"] = mean, std, n
@@ -166,11 +170,14 @@ def main_table(rs: RunSet, metrics: Sequence[str] = DEFAULT_METRICS, cost_csv: O
             sub = data.loc[idx]
             flags = _mark_best(sub[col].tolist(), direction, (~sub["is_upper_bound"]).tolist(), dig)
             data.loc[idx, col.replace("_mean", "") + "_best"] = flags
-    columns = (["benchmark", "method", "n"] + [f"{METRICS[m][0]} {ARROW[METRICS[m][1]]}" for m in metrics]
+    has_traits = bool(data["traits"].astype(bool).any())
+    columns = (["benchmark", "method"] + (["kind"] if has_traits else []) + ["n"] + [f"{METRICS[m][0]} {ARROW[METRICS[m][1]]}" for m in metrics]
                + [f"{COST_COLUMNS[k][0]} {ARROW[COST_COLUMNS[k][1]]}" for k in cost_cols])
     rows: List[List[Cell]] = []
     for _, r in data.iterrows():
-        row = [Cell(r["benchmark"]), Cell(method_display(r["method"], r["is_baseline"], r["is_upper_bound"])), Cell(str(r["n_seeds"]))]
+        row = [Cell(r["benchmark"]), Cell(method_display(r["method"], r["is_baseline"], r["is_upper_bound"]))]
+        row += [Cell(r["traits"])] if has_traits else []
+        row.append(Cell(str(r["n_seeds"])))
         row += [Cell(S.fmt_mean_std(r[f"{m}_mean"], r[f"{m}_std"], digits), bool(r[f"{m}_best"])) for m in metrics]
         row += [Cell(_fmt_cost(k, r[k]), bool(r[f"{k}_best"])) for k in cost_cols]
         rows.append(row)
@@ -179,6 +186,9 @@ def main_table(rs: RunSet, metrics: Sequence[str] = DEFAULT_METRICS, cost_csv: O
              "(↑ higher is better, ↓ lower is better; upper bounds are not ranked).",
              "FAA: final average accuracy; CAA: mean over steps of the average accuracy on seen tasks; FFM: max-based "
              "final forgetting (max includes the final step); formulas in benchmarks/metrics.py."]
+    if has_traits:
+        notes.append("kind: ¹ trains on the first task only; ᴮ trains the backbone's own weights; "
+                     "ˢ keeps class statistics (prototypes, Gaussians or class sums) (diagnostics.method_traits).")
     if "cost.csv" in sources:
         notes.append("cost columns marked from cost.csv come from 'bench.py cost' for the same method and backbone "
                      "architecture, not from the runs themselves.")
