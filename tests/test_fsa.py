@@ -160,3 +160,70 @@ def test_aper_variants_and_phases(pv):
     assert m.uses_query  # the frozen branch is the protocol's cached query pass
     with pytest.raises(ConfigError):
         APER.Config(petl="lora").validate()
+
+
+# --- SLCA ----------------------------------------------------------------------------------
+
+from methods.slca import SLCA, logit_norm_loss, shrunk_mean  # noqa: E402
+
+
+def test_slca_shrunk_mean_and_logit_norm_loss_by_hand():
+    mu = torch.full((3,), 10.0)
+    assert torch.allclose(shrunk_mean(mu, 0, 1), torch.full((3,), 9.5))  # 0.9 + 0.1·1/2
+    assert torch.allclose(shrunk_mean(mu, 1, 1), mu)  # the current task: unchanged
+    assert torch.allclose(shrunk_mean(mu, 0, 3), torch.full((3,), 9.25))  # 0.9 + 0.1·1/4
+    # blocks [3, 4] (norm 5) and [0, 1] (norm 1): mean norm 3, τ 0.5 -> [2, 8/3, 0, 2/3]
+    logits = torch.tensor([[3.0, 4.0, 0.0, 1.0]])
+    z = [2.0, 8.0 / 3.0, 0.0, 2.0 / 3.0]
+    expected = -z[1] + math.log(sum(math.exp(v) for v in z))
+    got = float(logit_norm_loss(logits, torch.tensor([1]), [0, 2, 4], 0.5))
+    assert math.isclose(got, expected, rel_tol=1e-5)
+
+
+def test_slca_trains_backbone_with_fresh_norm_and_slow_lr(pv):
+    from benchmarks.cost import trainable_parameter_count
+
+    m = SLCA(pv, 6, SLCA.Config())
+    assert pv.trainable and all(p.requires_grad for p in pv.parameters())
+    assert torch.equal(pv.vit.norm.weight, torch.ones(64)) and torch.equal(pv.vit.norm.bias, torch.zeros(64))
+    assert pv.vit.norm.eps == 1e-5
+    m.begin_task(_task(0))
+    groups = {g["name"]: g for g in m.param_groups()}
+    assert groups["backbone"]["lr_mult"] == 0.01 and groups["head"]["lr_mult"] == 1.0
+    backbone = sum(p.numel() for p in pv.parameters())
+    assert trainable_parameter_count(m) == backbone + 3 * 64 + 3  # the ViT + the current task's head
+    m.begin_task(_task(1))
+    assert not any(p.requires_grad for p in m.heads[0].parameters())  # freeze_old
+    assert trainable_parameter_count(m) == backbone + 3 * 64 + 3
+
+
+def test_slca_aligns_then_restores_raw_heads(pv):
+    m = SLCA(pv, 6, SLCA.Config(ca_epochs=2, ca_samples_per_class=8))
+    torch.manual_seed(0)
+    for t in range(2):
+        m.begin_task(_task(t))
+        feats = torch.randn(12, 64) + 3 * torch.arange(12).remainder(3)[:, None].float() + 5 * t
+        labels = torch.arange(12).remainder(3) + 3 * t
+        ctx = FakeCtx(labels=labels, feats=feats)
+        ctx.device = torch.device("cpu")
+        raw = {k: v.clone() for k, v in m.heads.state_dict().items()}
+        m.end_task(_task(t), ctx)
+        aligned = m.heads.state_dict()
+        same = all(torch.equal(raw[k], aligned[k]) for k in raw)
+        assert same == (t == 0)  # no alignment after the first task
+    assert m.align_log[0]["iterations"] == 2 * 6  # C = 6 seen classes mini-batches per epoch
+    assert sorted(m.stats.classes) == list(range(6)) and m.stats.spreads[0].shape == (64, 64)
+    m.begin_task(_task(2, n=3))  # fc.recall(): the next task starts from the raw heads
+    for k, v in raw.items():
+        assert torch.equal(m.heads.state_dict()[k], v)
+
+
+def test_only_backbone_training_methods_unfreeze_it():
+    from benchmarks.runner import prepare
+    from conftest import make_tiny_config
+    from methods.registry import list_methods
+
+    for name in list_methods():
+        p = prepare(make_tiny_config(name))
+        trainable = any(q.requires_grad for q in p.method.backbone.parameters())
+        assert trainable == (name in ("finetune", "joint", "slca")), name
