@@ -227,3 +227,62 @@ def test_only_backbone_training_methods_unfreeze_it():
         p = prepare(make_tiny_config(name))
         trainable = any(q.requires_grad for q in p.method.backbone.parameters())
         assert trainable == (name in ("finetune", "joint", "slca")), name
+
+
+# --- EASE ----------------------------------------------------------------------------------
+
+from methods.ease import EASE, complement_prototypes, reweight_logits  # noqa: E402
+
+
+def test_ease_complement_hand_derived():
+    # 2 tasks of 1 class each, dim 2, current task t = 1. Class 0 (task 0) has a real prototype
+    # only in subspace 0; class 1 (task 1) has real prototypes in subspaces 0 and 1. With one class
+    # in R = {1}, softmax over one entry is 1, so class 0's subspace-1 prototype copies class 1's.
+    P = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 5.0, 6.0]])
+    complement_prototypes(P, [0, 1, 2], 1, 2)
+    assert torch.equal(P[0], torch.tensor([1.0, 0.0, 5.0, 6.0]))
+    # two classes in R: weights softmax(cos) = softmax([1, 0]) = [e/(e+1), 1/(e+1)]
+    P = torch.tensor([[1.0, 0.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.0], [0.0, 3.0, 0.0, 1.0]])
+    complement_prototypes(P, [0, 1, 3], 1, 2)
+    e = math.e
+    assert torch.allclose(P[0, 2:], torch.tensor([e / (e + 1), 1 / (e + 1)]))
+    assert torch.equal(P[1:], torch.tensor([[2.0, 0.0, 1.0, 0.0], [0.0, 3.0, 0.0, 1.0]]))  # real ones untouched
+
+
+def test_ease_complement_every_pair_at_task_two():
+    # 3 tasks of 1 class, dim 1: old task 0 gets subspaces 1 and 2, old task 1 subspace 2
+    P = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, 0.0], [1.0, 3.0, 4.0]])
+    complement_prototypes(P, [0, 1, 2, 3], 2, 1)
+    # (i=0, s=1): R = {1, 2}, cos in subspace 0 all 1 -> weights 1/2: P[0,1] = (2 + 3)/2
+    # (i=0, s=2): R = {2}: P[0,2] = 4;  (i=1, s=2): R = {2}: P[1,2] = 4
+    assert torch.equal(P, torch.tensor([[1.0, 2.5, 4.0], [1.0, 2.0, 4.0], [1.0, 3.0, 4.0]]))
+
+
+def test_ease_reweight_logits_hand_derived():
+    # t = 2 (3 subspaces), α = 0.2 -> off-diagonal weight 0.1. Unit features and prototypes, so
+    # every cosine is a dot product. Class 0 of task 0, class 1 of task 2.
+    f = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]])  # (B=1, S=3, D=2)
+    p = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]],   # class 0: cos = 1, 0, 0
+                      [[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]])  # class 1: cos = 0, 1, 1
+    out = reweight_logits(f, p, torch.tensor([0, 2]), 2, 0.2, 0.0)
+    assert torch.allclose(out, torch.tensor([[1.0, 0.1 + 1.0]]))
+    # with a PTM subspace first (β = 0.5): subspace 0 weighted β, adapters shifted by one
+    out = reweight_logits(f, p, torch.tensor([0, 1]), 1, 0.2, 0.5, ptm=True)
+    # class 0 (task 0 = subspace 1): 0.5·1 + 1·0 + 0.2·0 ; class 1 (task 1 = subspace 2): 0.5·0 + 0.2·1 + 1·1
+    assert torch.allclose(out, torch.tensor([[0.5, 1.2]]))
+
+
+def test_ease_adapters_per_task_and_passes(pv):
+    m = EASE(pv, 6, EASE.Config(bottleneck=8), num_tasks=2)
+    m.begin_task(_task(0))
+    m.begin_task(_task(1))
+    assert len(m.adapters) == 2 and m.adapters[0] is not m.adapters[1]
+    assert not any(p.requires_grad for p in m.adapters[0].parameters())
+    assert sum(p.numel() for g in m.param_groups() for p in g["params"]) == 6 * (64 * 8 + 8 + 8 * 64 + 64) + 3 * 64 + 1
+    assert m.prototypes.shape == (6, 2 * 64)
+    calls = []
+    h = pv.vit.norm.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        m.eval()(torch.randn(2, 3, 32, 32))
+    h.remove()
+    assert len(calls) == 2  # one ViT pass per adapter
