@@ -467,6 +467,7 @@ def plot_task_identity(rs: RunSet, bench: str, styles: Dict[str, Style]) -> Opti
     for method, _, _, per in pts:
         st = styles.get(method)
         ax2.plot(range(1, len(per) + 1), per, marker=st.marker if st else "o", color=st.color if st else None, label=method)
+    ax2.set_xticks(range(1, max(len(p[3]) for p in pts) + 1))
     ax2.set_xlabel("test task")
     ax2.set_ylabel("task-identity accuracy (%)")
     ax2.set_ylim(0, 105)
