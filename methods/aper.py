@@ -113,7 +113,10 @@ class APER(ContinualMethod):
             feat = self.peft.features(x)
             return MethodOutput(logits=pad_logits(self.fs_head(feat), 0, self.num_classes), features=feat)
         feat = self.merged_features(x, query)
-        return MethodOutput(logits=merged_prototype_logits(feat, self.prototypes.to(feat.dtype)), features=feat)
+        # fp32 cosine even under bf16 autocast: near-equal prototype scores decide the argmax
+        with torch.autocast(device_type=feat.device.type, enabled=False):
+            logits = merged_prototype_logits(feat.float(), self.prototypes.float())
+        return MethodOutput(logits=logits, features=feat)
 
     @torch.no_grad()
     def end_task(self, task: Task, ctx: Any) -> None:

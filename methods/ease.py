@@ -151,12 +151,13 @@ class EASE(ContinualMethod):
             feat = self.adapters[task.index].features(x)
             return MethodOutput(logits=pad_logits(self.proxy(feat), task.class_start, self.num_classes), features=feat)
         t, d = task.index, self.backbone.embed_dim
-        feats = self.subspace_features(x, t, query)
+        feats = self.subspace_features(x, t, query).float()  # fp32 cosines under bf16 autocast
         S = feats.shape[1]
         seen = task.num_seen
-        protos = self.prototypes[:seen, : S * d].reshape(seen, S, d).to(feats.dtype)
+        protos = self.prototypes[:seen, : S * d].reshape(seen, S, d).float()
         class_task = task.task_of_class(torch.arange(seen, device=x.device))
-        logits = reweight_logits(feats, protos, class_task, t, self.cfg.alpha, self.cfg.beta, self.cfg.use_init_ptm)
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            logits = reweight_logits(feats, protos, class_task, t, self.cfg.alpha, self.cfg.beta, self.cfg.use_init_ptm)
         logits = F.pad(logits, (0, self.num_classes - seen))
         task_pred = task.task_of_class(logits[:, :seen].argmax(1))
         return MethodOutput(logits=logits, features=feats.flatten(1), diagnostics={"task_pred": task_pred})

@@ -145,7 +145,11 @@ class RanPAC(ContinualMethod):
         return self.peft.features(x) if self.cfg.first_session else self.backbone(x)
 
     def projected(self, x: Tensor) -> Tensor:
-        return random_features(self.feature(x), self.w_rand)
+        """``ReLU(f(x)·W_rand)`` in float32 even under bf16 autocast: the reference runs fp32, and
+        G and Q accumulate these features over every task."""
+        f = self.feature(x)
+        with torch.autocast(device_type=f.device.type, enabled=False):
+            return random_features(f.float(), self.w_rand)
 
     def forward(self, x: Tensor, query: Optional[Tensor] = None, adapt: bool = False, **kwargs: Any) -> MethodOutput:
         if adapt:

@@ -286,3 +286,23 @@ def test_ease_adapters_per_task_and_passes(pv):
         m.eval()(torch.randn(2, 3, 32, 32))
     h.remove()
     assert len(calls) == 2  # one ViT pass per adapter
+
+
+def test_readouts_stay_fp32_under_bf16_autocast(pv):
+    """RanPAC's projection (which G and Q accumulate) and the prototype cosines of APER / EASE are
+    computed in float32 even inside the protocol's bf16 autocast (the references run fp32)."""
+    x = torch.randn(2, 3, 32, 32)
+    r = RanPAC(pv, 6, RanPAC.Config(M=16, bottleneck=8))
+    r.w_rand.normal_()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        f = r.feature(x)
+        h = r.projected(x)
+    assert h.dtype == torch.float32
+    assert torch.equal(h, F.relu(f.float() @ r.w_rand))
+    a = APER(pv, 6, APER.Config(bottleneck=8)).eval()
+    a.begin_task(_task(0))
+    a.prototypes.normal_()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = a(x)
+    assert out.logits.dtype == torch.float32
+    assert torch.equal(out.logits, merged_prototype_logits(out.features.float(), a.prototypes))
