@@ -306,3 +306,21 @@ def test_readouts_stay_fp32_under_bf16_autocast(pv):
         out = a(x)
     assert out.logits.dtype == torch.float32
     assert torch.equal(out.logits, merged_prototype_logits(out.features.float(), a.prototypes))
+
+
+def test_ease_ptm_subspace_comes_first(pv):
+    m = EASE(pv, 6, EASE.Config(bottleneck=8, use_init_ptm=True, beta=1.0), num_tasks=2).eval()
+    assert m.uses_query and m.prototypes.shape == (6, 3 * 64)
+    m.begin_task(_task(0))
+    with torch.no_grad():
+        m.adapters[0].adapters[0].up.weight.normal_()
+    x = torch.randn(6, 3, 32, 32)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    m.end_task(_task(0), FakeCtx(images=x, labels=y))
+    with torch.no_grad():
+        frozen = pv.vit.forward_features(x)[:, 0]
+        adapted = m.adapters[0].features(x)
+    for c in range(3):
+        assert torch.allclose(m.prototypes[c, :64], frozen[y == c].mean(0), atol=1e-5)  # PTM block first
+        assert torch.allclose(m.prototypes[c, 64:128], adapted[y == c].mean(0), atol=1e-5)
+    assert m.prototypes[:, 128:].abs().sum() == 0  # task 1's subspace is not filled yet
