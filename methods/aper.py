@@ -8,8 +8,8 @@ Faithful to the effective behaviour of the authors' code, GitHub ``zhoudw-zdw/Re
 1. **Task 1 only** (``_train``: ``if self._cur_task == 0``): a parameter-efficient module
    (``method.petl``: ``adapter`` default, ``ssf``, ``vpt_shallow``, ``vpt_deep``; the shared
    :mod:`methods.peft`) and a cosine head with learnable σ over the task's classes are trained with
-   cross-entropy (SGD momentum 0.9, cosine schedule, weight decay on everything incl. σ -- the
-   ``paper`` preset). Later tasks make no gradient step.
+   cross-entropy (SGD momentum 0.9, weight decay on everything incl. σ, CosineAnnealingLR stepped
+   per epoch = the protocol's ``cosine_epoch`` schedule -- the ``paper`` preset). Later tasks make no gradient step.
 2. **Every task**: the prototype of each new class is the mean of the *unnormalised* concatenated
    feature ``[PTM(x), adapted(x)]`` (PTM first; ``construct_dual_branch_network`` appends the
    PTM, then the tuned model) over the class's training images under the test transform
@@ -24,8 +24,6 @@ active -- equivalent to the reference's two copies because their frozen weights 
 
 Where this implementation and the reference differ, and why:
 
-* The ``cosine`` schedule of the protocol is per iteration; the reference's CosineAnnealingLR is
-  stepped per epoch (T_max = epochs, eta_min = min_lr = 0). The two coincide at epoch starts.
 * Seeds: the reference fixes ``torch.manual_seed(1)`` and uses seed 1993 only for the class order;
   the ``paper`` preset sets ``seed: 1993`` with the ``numpy`` class order, which gives the same
   order (``np.random.seed(1993); permutation``), and the suite's own seeded torch streams.

@@ -33,7 +33,6 @@ Where this implementation and the reference differ, and why:
 * The reference keeps old adapters in a plain Python list (not in ``state_dict`` or its
   parameter count); here they are an ``nn.ModuleList`` so checkpoints and the cost report include
   them.
-* The ``cosine`` schedule of the protocol is per iteration; the reference's is per epoch.
 * ``use_diagonal``, ``use_exemplars``, ``recalc_sim=False`` and ``moni_adam`` (ablations and the
   Omnibenchmark-only mode) are not provided.
 """

@@ -31,7 +31,6 @@ Where this implementation and the reference differ, and why:
   phase 1 consumed. The loader shuffle of step 4 likewise comes from a seeded generator per task.
 * Statistics and the solve run on the run's device in ``gram_dtype``; the reference moves
   features to the CPU and solves there in float32 (the same arithmetic, another device).
-* The ``cosine`` schedule of the protocol is per iteration; the reference's is per epoch.
 * ``W_rand``, ``G``, ``Q`` and ``Wo`` are buffers, so they are in the checkpoint and in the cost
   report's stored state (the reference's ``W_rand`` is a plain attribute that its parameter
   count misses). At the paper's M = 10000, G alone is 10^8 numbers (400 MB in float32).

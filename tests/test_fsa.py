@@ -324,3 +324,24 @@ def test_ease_ptm_subspace_comes_first(pv):
         assert torch.allclose(m.prototypes[c, :64], frozen[y == c].mean(0), atol=1e-5)  # PTM block first
         assert torch.allclose(m.prototypes[c, 64:128], adapted[y == c].mean(0), atol=1e-5)
     assert m.prototypes[:, 128:].abs().sum() == 0  # task 1's subspace is not filled yet
+
+
+def test_cosine_epoch_schedule_is_torch_cosine_annealing_per_epoch():
+    """The references' CosineAnnealingLR(T_max=epochs, eta_min=min_lr), stepped once per epoch:
+    constant within an epoch, (1 + cos(π·e/E))/2 of the way from min_lr to lr at epoch e."""
+    from benchmarks.config import TrainConfig
+    from benchmarks.protocol import schedule_factor
+
+    t = TrainConfig(epochs=4, lr=0.1, min_lr=0.02, schedule="cosine_epoch")
+    want = [0.1, 0.02 + 0.08 * (1 + math.cos(math.pi / 4)) / 2, 0.06, 0.02 + 0.08 * (1 - math.cos(math.pi / 4)) / 2]
+    for e, lr in enumerate(want):
+        for it in (10 * e, 10 * e + 9):
+            assert math.isclose(0.1 * schedule_factor(t, it, 10, 0.1), lr, rel_tol=1e-12)
+    # the same values as torch's own scheduler stepped per epoch
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4, eta_min=0.02)
+    for e in range(4):
+        assert math.isclose(opt.param_groups[0]["lr"], want[e], rel_tol=1e-9)
+        opt.step()
+        sched.step()
