@@ -166,7 +166,10 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
       its end the lr stays at ``min_lr``. The reference scheduler sets the base lr when it is built
       and steps after each update, so update 0 runs at the base lr and update i ≥ 1 at the
       schedule's entry i − 1 (SMoPE ``utils/schedulers.py`` ``_LRSchedulerIter.__init__``);
-    * ``step``: × ``gamma`` at each epoch in ``milestones``.
+    * ``step``: × ``gamma`` at each epoch in ``milestones``;
+    * ``cosine_epoch``: torch's ``CosineAnnealingLR(T_max=epochs, eta_min=min_lr)`` stepped once per
+      epoch: epoch e runs at min_lr + (lr − min_lr)·(1 + cos(π·e/epochs))/2 (RanPAC, RevisitingCIL /
+      APER, CVPR24-Ease; issue 22).
     """
     epoch = it // max(1, steps_per_epoch)
     s = tcfg.schedule
@@ -185,6 +188,8 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
             return (it + 1) / warm
         p = min(1.0, (it - warm) / max(1, total - warm))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+    if s == "cosine_epoch":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * epoch / max(1, tcfg.epochs)))
     if s == "coswm":
         if it == 0:
             return 1.0
@@ -198,7 +203,7 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
             return floor + (1 - floor) * (it - tcfg.freeze_iters + 1) / warm
         p = min(1.0, (it - tcfg.freeze_iters - warm) / max(1, total - tcfg.freeze_iters - warm))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
-    raise ConfigError(f"unknown schedule '{s}'; use constant, cosine, coda_cosine, coswm or step")
+    raise ConfigError(f"unknown schedule '{s}'; use constant, cosine, cosine_epoch, coda_cosine, coswm or step")
 
 
 def build_scheduler(opt: torch.optim.Optimizer, tcfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -581,6 +581,7 @@ def _run_planned(p: Prepared, plan: RunPlan, dctx: dist_util.DistContext, log_to
 
 
 def build_result(p: Prepared, acc, tii, seen_acc, selection, timing, chash: str, run: RunContext) -> Dict[str, Any]:
+    from benchmarks import diagnostics as D
     from benchmarks.cost import run_cost
 
     cfg, method = p.cfg, p.method
@@ -601,6 +602,10 @@ def build_result(p: Prepared, acc, tii, seen_acc, selection, timing, chash: str,
         "diagnostics": {
             "selection_hist": selection if (selection["final"] or selection["diagonal"]) else None,
             "selection_size": method.selection_size,
+            # issue 22: the usage / task-identity summaries the report plots, and the method's kind
+            "prompt_usage": D.prompt_usage(selection, method.selection_size),
+            "task_id_accuracy": D.task_id_accuracy(tii),
+            "method_traits": D.method_traits(method, p.scenario.tasks),
             "method": method.diagnostics(),
             "query_cache": {"hits": run.cache.hits, "misses": run.cache.misses},
         },

@@ -157,6 +157,18 @@ class PromptedViT(nn.Module):
         self.vit.requires_grad_(trainable)
         self.train(self.training)
 
+    def reset_final_norm(self, eps: float = 1e-5) -> None:
+        """Replace the pretrained final LayerNorm by a freshly initialised one (weight 1, bias 0).
+
+        SLCA's backbone does this (``convs/vits.py`` ``vit_base_patch16_224_in21k``: ``del
+        model.norm; model.norm = nn.LayerNorm(768)``, torch's default eps 1e-5) and then trains it
+        with the rest of the ViT. It changes what every pass of this backbone returns, the query
+        pass included, so only a method that owns and trains its backbone should call it.
+        """
+        norm = nn.LayerNorm(self.embed_dim, eps=eps).to(self.vit.norm.weight.device)
+        norm.requires_grad_(self.trainable)
+        self.vit.norm = norm
+
     def train(self, mode: bool = True) -> "PromptedViT":
         super().train(mode)
         if not self.trainable:

@@ -215,6 +215,11 @@ def make_plots(rs: RunSet, main: T.Table, cost_frames: Dict, pdir: Path):
         pts, label = pareto_points(main.data[main.data.benchmark == bench], cost_csv, rs)
         plots[f"pareto_{sb}"] = P.save(P.plot_pareto(pts, bench, styles, label), pdir, f"pareto_{sb}")
         captions[f"pareto_{sb}"] = f"{bench}: FAA vs {label} and vs added parameters; filled markers and * are Pareto-optimal."
+        fig = P.plot_task_identity(rs, bench, styles)
+        if fig is not None:
+            plots[f"taskid_{sb}"] = P.save(fig, pdir, f"taskid_{sb}")
+            captions[f"taskid_{sb}"] = (f"{bench}: FAA beside the accuracy of the inferred task identity (after the last "
+                                        "task), and that accuracy per test task; only methods that infer a task.")
         for method in [m for b, m in rs.groups() if b == bench]:
             res = rs.group_results(bench, method)
             usage = P.usage_arrays(res)
@@ -282,6 +287,7 @@ def _html(rs: RunSet, runs, cost, tables: Dict[str, T.Table], plots, captions, o
         ("pareto", "Accuracy vs cost", figs("pareto_")),
         ("growth", "Parameters vs number of tasks", figs("growth") or growth_note),
         ("usage", "Prompt / expert usage", figs("usage_") or ["<p><em>No method recorded prompt / expert selections.</em></p>"]),
+        ("taskid", "Task-identity accuracy", figs("taskid_") or ["<p><em>No method inferred a task identity.</em></p>"]),
         ("reproduction", "Reproduction", H.table_fragments([tables["reproduction"]])),
         ("protocol", "Protocol differences", H.table_fragments([tables["protocol_diff"]])),
         ("compare", "Paired comparison", H.table_fragments([tables.get("compare"), tables.get("compare_per_seed")])

@@ -16,7 +16,9 @@ Figures (one per benchmark unless noted):
   marked (lower cost, higher accuracy);
 * ``growth``: added (and used) parameters against the number of tasks (``growth.csv``);
 * ``usage_<bench>_<method>``: prompt / expert usage per test task (``selection_hist``), one panel
-  per layer for per-layer pools (SMoPE), summed over heads and seeds.
+  per layer for per-layer pools (SMoPE), summed over heads and seeds;
+* ``taskid_<bench>``: FAA beside the task-identity accuracy (``diagnostics.task_id_accuracy``) of
+  every method that infers a task, and that accuracy per test task.
 """
 from __future__ import annotations
 
@@ -426,4 +428,50 @@ def plot_usage(usage: Dict[int, np.ndarray], bench: str, method: str, n_seeds: i
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="share of selections")
     fig.suptitle(f"{bench} / {method}: prompt / expert usage per test task after the last task "
                  f"(summed over {'heads and ' if groups > 1 else ''}{n_seeds} seed{'s' if n_seeds > 1 else ''})", fontsize=10)
+    return fig
+
+
+def task_identity_points(rs: RunSet, bench: str) -> List[Tuple[str, float, float, List[float]]]:
+    """(method, mean FAA, mean final task-identity accuracy, per-task final accuracies averaged over
+    seeds) for every method of ``bench`` whose results carry ``diagnostics.task_id_accuracy``."""
+    out = []
+    for method in _methods(rs, bench):
+        res = rs.group_results(bench, method)
+        tia = [((r.get("diagnostics") or {}).get("task_id_accuracy") or {}) for r in res]
+        tia = [t for t in tia if t.get("final")]
+        if not tia:
+            continue
+        per_task = np.mean([[t["final"][j] for j in sorted(t["final"], key=int)] for t in tia], axis=0)
+        faa = float(rs.runs[(rs.runs.benchmark == bench) & (rs.runs.method == method)].faa.mean())
+        out.append((method, faa, float(np.mean([t["final_mean"] for t in tia])), [float(v) for v in per_task]))
+    return out
+
+
+def plot_task_identity(rs: RunSet, bench: str, styles: Dict[str, Style]) -> Optional[plt.Figure]:
+    """Left: FAA beside the mean task-identity accuracy per method; right: task-identity accuracy
+    per test task after the last task. None when no method of ``bench`` infers a task identity."""
+    pts = task_identity_points(rs, bench)
+    if not pts:
+        return None
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    xs = np.arange(len(pts))
+    ax.bar(xs - 0.2, [p[1] for p in pts], 0.4, label="FAA", color="#4c72b0")
+    ax.bar(xs + 0.2, [p[2] for p in pts], 0.4, label="task-identity accuracy", color="#dd8452")
+    for x, p in zip(xs, pts):
+        ax.text(x - 0.2, p[1] + 1, f"{p[1]:.1f}", ha="center", fontsize=7)
+        ax.text(x + 0.2, p[2] + 1, f"{p[2]:.1f}", ha="center", fontsize=7)
+    ax.set_xticks(xs, [p[0] for p in pts], rotation=20, fontsize=8)
+    ax.set_ylim(0, 108)
+    ax.set_ylabel("% (after the last task)")
+    ax.legend(fontsize=8, loc="lower right")
+    for method, _, _, per in pts:
+        st = styles.get(method)
+        ax2.plot(range(1, len(per) + 1), per, marker=st.marker if st else "o", color=st.color if st else None, label=method)
+    ax2.set_xticks(range(1, max(len(p[3]) for p in pts) + 1))
+    ax2.set_xlabel("test task")
+    ax2.set_ylabel("task-identity accuracy (%)")
+    ax2.set_ylim(0, 105)
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{bench}: inferred task identity vs final accuracy (mean over seeds)", fontsize=10)
+    fig.tight_layout()
     return fig

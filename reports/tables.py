@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
+from benchmarks import diagnostics as D
 from reports import stats as S
 from reports.loader import ReportError, RunSet
 from reports.references import REFERENCE_METRICS, Reference, config_value
@@ -152,6 +153,9 @@ def main_table(rs: RunSet, metrics: Sequence[str] = DEFAULT_METRICS, cost_csv: O
                                "backbone": first["backbone"],
                                # fp32 is the default and every reference's precision; bf16 is an opt-in
                                "precision": "/".join(sorted({str(v) for v in g["precision"] if isinstance(v, str)})) or "—"}
+        # issue 22: what kind of method the row is (¹ task 1 only, ᴮ backbone, ˢ class statistics)
+        first_res = rs.group_results(bench, method)[0]
+        rec["traits"] = D.trait_marks((first_res.get("diagnostics") or {}).get("method_traits"))
         for m in metrics:
             mean, std, n = S.mean_std(g[m])
             rec[f"{m}_mean"], rec[f"{m}_std"], rec[f"{m}_n"] = mean, std, n
@@ -168,12 +172,15 @@ def main_table(rs: RunSet, metrics: Sequence[str] = DEFAULT_METRICS, cost_csv: O
             sub = data.loc[idx]
             flags = _mark_best(sub[col].tolist(), direction, (~sub["is_upper_bound"]).tolist(), dig)
             data.loc[idx, col.replace("_mean", "") + "_best"] = flags
-    columns = (["benchmark", "method", "n", "precision"] + [f"{METRICS[m][0]} {ARROW[METRICS[m][1]]}" for m in metrics]
+    has_traits = bool(data["traits"].astype(bool).any())
+    columns = (["benchmark", "method"] + (["kind"] if has_traits else []) + ["n", "precision"]
+               + [f"{METRICS[m][0]} {ARROW[METRICS[m][1]]}" for m in metrics]
                + [f"{COST_COLUMNS[k][0]} {ARROW[COST_COLUMNS[k][1]]}" for k in cost_cols])
     rows: List[List[Cell]] = []
     for _, r in data.iterrows():
-        row = [Cell(r["benchmark"]), Cell(method_display(r["method"], r["is_baseline"], r["is_upper_bound"])), Cell(str(r["n_seeds"])),
-               Cell(r["precision"])]
+        row = [Cell(r["benchmark"]), Cell(method_display(r["method"], r["is_baseline"], r["is_upper_bound"]))]
+        row += [Cell(r["traits"])] if has_traits else []
+        row += [Cell(str(r["n_seeds"])), Cell(r["precision"])]
         row += [Cell(S.fmt_mean_std(r[f"{m}_mean"], r[f"{m}_std"], digits), bool(r[f"{m}_best"])) for m in metrics]
         row += [Cell(_fmt_cost(k, r[k]), bool(r[f"{k}_best"])) for k in cost_cols]
         rows.append(row)
@@ -184,6 +191,9 @@ def main_table(rs: RunSet, metrics: Sequence[str] = DEFAULT_METRICS, cost_csv: O
              "final forgetting (max includes the final step); formulas in benchmarks/metrics.py.",
              "precision: what the runs ran in (env.precision of result.json): fp32 (default, as every reference code) or "
              "bf16 autocast (opt-in, --precision bf16; its measured effect is in docs/speed.md)."]
+    if has_traits:
+        notes.append("kind: ¹ trains on the first task only; ᴮ trains the backbone's own weights; "
+                     "ˢ keeps class statistics (prototypes, Gaussians or class sums) (diagnostics.method_traits).")
     if "cost.csv" in sources:
         notes.append("cost columns marked from cost.csv come from 'bench.py cost' for the same method and backbone "
                      "architecture, not from the runs themselves.")

@@ -37,6 +37,9 @@ MN, MD, MDEPTH = 17, 64, 6
 KNOWN_PASSES = {
     "smope": (1, 1), "l2p": (2, 2), "dualprompt": (2, 2), "coda_prompt": (2, 2), "hide_prompt": (2, 1),
     "linear_probe": (1, 1), "ncm": (1, 0), "finetune": (1, 1), "joint": (1, 1),
+    # issue 22, counted in the last of 5 tasks: APER = frozen (query) + adapted pass and RanPAC one
+    # adapted pass, neither trains after task 1; EASE one pass per adapter (5), training one
+    "aper": (2, 0), "ranpac": (1, 0), "slca": (1, 1), "ease": (5, 1),
 }
 # Added parameters of the reference configurations, ViT-B/16, Split CIFAR-100 (100 classes):
 # baselines.md §5 (L2P, DualPrompt, CODA-P, HiDe-Prompt), smope.md §1.2 (SMoPE), head D·C + C.

@@ -117,7 +117,11 @@ def world(tmp_path_factory):
         ncm["config"]["train"]["epochs"] = NCM_EPOCHS
         write_result(runs, ncm)
         fake = seeded(hand_result(lp, "fake_prompt", s, FAKE[s], cost={"added_params": 777, "inference_gflops": 0.02}))
-        fake["diagnostics"] = {"selection_hist": {"final": FAKE_HIST, "diagonal": {}}, "selection_size": 4}
+        fake["diagnostics"] = {"selection_hist": {"final": FAKE_HIST, "diagonal": {}}, "selection_size": 4,
+                               "task_id_accuracy": {"final": {"0": 100.0, "1": 50.0 + 10 * s, "2": 0.0},
+                                                    "diagonal": {}, "final_mean": (150.0 + 10 * s) / 3},
+                               "method_traits": {"first_task_only": True, "trains_backbone": False,
+                                                 "class_statistics": True}}
         write_result(runs, fake)
         write_result(runs, seeded(hand_result(lp, "joint", s, JOINT[s], is_baseline=True, is_upper_bound=True,
                                               cost={"added_params": 5000})))
@@ -356,7 +360,7 @@ def test_every_plot_is_a_valid_nonempty_png_and_pdf(world):
     plots = world["out"] / "plots"
     names = {p.stem for p in plots.glob("*.png")}
     assert names == {"curves_synthetic-3t", "heatmap_synthetic-3t", "forgetting_synthetic-3t", "pareto_synthetic-3t",
-                     "usage_synthetic-3t_fake_prompt", "growth"}
+                     "usage_synthetic-3t_fake_prompt", "taskid_synthetic-3t", "growth"}
     for n in names:
         png, pdf = plots / f"{n}.png", plots / f"{n}.pdf"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -414,3 +418,19 @@ def test_bad_report_input_is_one_sentence_and_exit_2(world, tmp_path, capsys, ca
     assert code == 2
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and err.endswith(".")
     assert not out.exists()  # nothing written
+
+
+def test_main_table_kind_marks_and_task_identity_points(world):
+    from reports.loader import load_runs
+    from reports.plots import task_identity_points
+
+    md = md_rows((world["out"] / "tables" / "main.md").read_text())
+    assert md["fake_prompt"]["kind"] == "¹ˢ"  # first task only, class statistics (its method_traits)
+    assert md[_display("linear_probe")]["kind"] == ""  # a real run: none of the three
+    assert "Task-identity accuracy" in (world["out"] / "report.html").read_text()
+    pts = task_identity_points(load_runs(world["runs"]), "synthetic-3t")
+    assert [p[0] for p in pts] == ["fake_prompt"]  # only the method that infers a task
+    _, faa_mean, tia_mean, per_task = pts[0]
+    assert faa_mean == pytest.approx(79.0)
+    assert tia_mean == pytest.approx(((150.0 / 3) + (160.0 / 3)) / 2)
+    assert per_task == pytest.approx([100.0, 55.0, 0.0])  # seeds 0 and 1: task 2 at 50 and 60

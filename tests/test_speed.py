@@ -21,7 +21,7 @@ from test_cli import TINY_SET
 
 # Baselines whose backbone is trained on purpose: for them the check is the opposite one (the
 # backbone *does* get gradients), so they are not skipped but tested for what they promise.
-TRAINABLE_BACKBONE = {"finetune": {}, "joint": {"method": {"finetune_backbone": True}}}
+TRAINABLE_BACKBONE = {"finetune": {}, "joint": {"method": {"finetune_backbone": True}}, "slca": {}}  # slca: issue 22
 
 
 def _context(cfg, p):
