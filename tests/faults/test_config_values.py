@@ -36,7 +36,7 @@ BAD = [
     ("train.batch_size=0", "train.batch_size=0 is out of range; it must be at least 1"),
     ("train.eval_batch_size=-1", "train.eval_batch_size=-1 is out of range; it must be at least 1"),
     ("train.optimizer=adamx", "unknown train.optimizer 'adamx'; use adam, adamw, sgd"),
-    ("train.schedule=linear", "unknown train.schedule 'linear'; use constant, cosine, coda_cosine, coswm, step"),
+    ("train.schedule=linear", "unknown train.schedule 'linear'; use constant, cosine, cosine_epoch, coda_cosine, coswm, step"),
     ("train.train_mask=past", "unknown train.train_mask 'past'; use current, seen, none"),
 ]
 
@@ -74,3 +74,18 @@ def test_the_sweeps_up_front_check_catches_them_and_launches_nothing(tmp_path, c
     code, err, _ = cli(["sweep", "--grid", str(grid), "--out", str(out), "--device", "cpu", "--quiet"], capsys)
     assert code == 2 and err == f"error: {message}.", err
     assert not out.exists()
+
+
+def test_every_schedule_the_validator_accepts_is_one_the_protocol_runs_and_no_other():
+    """The up-front check and the protocol's schedule factory must list the same names (they drifted once)."""
+    import dataclasses
+
+    from benchmarks.config import SCHEDULES, ConfigError, TrainConfig
+    from benchmarks.protocol import schedule_factor
+
+    for name in SCHEDULES:
+        tcfg = dataclasses.replace(TrainConfig(), schedule=name, epochs=4, lr=0.1)
+        # epoch 0, iteration 0 of a 4-epoch run: every schedule starts at a positive factor
+        assert schedule_factor(tcfg, 0, 10, 0.1) > 0
+    with pytest.raises(ConfigError):
+        schedule_factor(dataclasses.replace(TrainConfig(), schedule="linear", epochs=4), 0, 10, 0.1)
