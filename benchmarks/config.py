@@ -78,6 +78,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     freeze_iters: int = 0  # coswm: iterations at the floor lr before the cosine
     iter_step: Optional[int] = None  # coswm: iterations per epoch assumed by the schedule
+    schedule_epochs: Optional[int] = None  # coda_cosine: K when the phase is the start of a longer schedule (OVOR)
     min_lr: float = 0.0
     milestones: List[int] = field(default_factory=list)  # step schedule (epochs)
     gamma: float = 0.1

@@ -155,6 +155,7 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
     * ``constant``;
     * ``cosine``: per-iteration cosine from lr to ``min_lr`` after ``warmup_epochs`` of linear warm-up;
     * ``coda_cosine``: per epoch e of K, lr·cos(99π·e / (200·(K−1))) (CODA-Prompt, SMoPE-CUB);
+      K = ``schedule_epochs`` when set (a phase that runs the first epochs of a longer schedule)
     * ``coswm``: SMoPE's ``CosineSchedulerIter``: ``min_lr`` for ``freeze_iters`` iterations,
       then a cosine to ``min_lr`` over ``iter_step·epochs − freeze_iters`` iterations, where
       ``iter_step`` is the config's assumed iterations per epoch (the real count if unset); past
@@ -170,7 +171,7 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
     if s == "step":
         return tcfg.gamma ** sum(1 for m in tcfg.milestones if epoch >= m)
     if s == "coda_cosine":
-        k = tcfg.epochs
+        k = tcfg.schedule_epochs or tcfg.epochs
         return math.cos(99 * math.pi * epoch / (200 * (k - 1))) if k > 1 else 1.0
     floor = tcfg.min_lr / base_lr if base_lr > 0 else 0.0
     if s == "cosine":
