@@ -216,6 +216,7 @@ class Side:
     trainable tensors (recorded at construction, before any weight is shared)."""
 
     init: Dict[str, Tensor]
+    image_size: int = 224  # input size of the compared batch (ViT-B/16: 224)
 
     def tensors(self) -> Dict[str, Tensor]:
         """Current values of the method's own tensors (prompts, keys, heads, ...), by our names."""
@@ -267,7 +268,9 @@ class OurSide(Side):
         self.cfg = cfg
         self.num_classes = benchmark_classes(cfg)
         self.tasks = make_tasks(self.num_classes, cfg.benchmark.num_tasks)
-        self.method = build_method(name, cfg, PromptedViT(vit), self.num_classes, cfg.benchmark.num_tasks, seed=seed)
+        backbone = PromptedViT(vit)
+        self.image_size = int(cfg.benchmark.image_size or backbone.vit.patch_embed.img_size[0])
+        self.method = build_method(name, cfg, backbone, self.num_classes, cfg.benchmark.num_tasks, seed=seed)
         self.init = {n: p.detach().clone() for n, p in method_tensors(self.method).items()}
 
     def tensors(self) -> Dict[str, Tensor]:
@@ -345,7 +348,7 @@ class OurSide(Side):
         from benchmarks.datasets import build_transform
 
         native = max(image.shape[:2])
-        tf = build_transform(self.cfg.benchmark, 224, native, train)
+        tf = build_transform(self.cfg.benchmark, self.image_size, native, train)
         torch.manual_seed(seed)
         return tf(torch.from_numpy(image).permute(2, 0, 1).contiguous())
 
@@ -451,7 +454,7 @@ def load_adapters() -> Dict[str, Adapter]:
 
 # --- running the checks ----------------------------------------------------------------------
 
-def test_image(benchmark: str, seed: int = 0) -> np.ndarray:
+def probe_image(benchmark: str, seed: int = 0) -> np.ndarray:
     """One fixed image of the benchmark's native size (CIFAR 32 px; others 375 x 500): a smooth
     random field plus noise, so both resizing and cropping show up."""
     g = torch.Generator().manual_seed(seed)
@@ -462,10 +465,12 @@ def test_image(benchmark: str, seed: int = 0) -> np.ndarray:
     return img.permute(1, 2, 0).to(torch.uint8).numpy()
 
 
-def batch_for(num_classes: int, num_tasks: int, task: int, batch: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
+def batch_for(num_classes: int, num_tasks: int, task: int, batch: int, seed: int = 0,
+              size: int = 224) -> Tuple[Tensor, Tensor]:
+    """A batch of random images with labels of ``task`` (equal class splits)."""
     g = torch.Generator().manual_seed(seed + 101 * task)
     per = num_classes // num_tasks
-    x = torch.rand(batch, 3, 224, 224, generator=g)
+    x = torch.rand(batch, 3, size, size, generator=g)
     y = torch.randint(task * per, (task + 1) * per, (batch,), generator=g)
     return x, y
 
@@ -479,7 +484,7 @@ def run_sides(case: str, ours: Side, ref: Side, num_classes: int, num_tasks: int
     rows += compare_init(case, ours.init, ref.init, deviations)
     # identical task-0 tensors, then the boundary into task TASK
     ref.set_tensors(ours.tensors())
-    prev = batch_for(num_classes, num_tasks, TASK - 1, batch, seed)
+    prev = batch_for(num_classes, num_tasks, TASK - 1, batch, seed, ours.image_size)
     for t in range(TASK + 1):
         log(f"start task {t}")
         before_o, before_r = ours.tensors(), ref.tensors()
@@ -498,7 +503,7 @@ def run_sides(case: str, ours: Side, ref: Side, num_classes: int, num_tasks: int
                             {n: v for n, v in after_r.items() if n not in redrawn}, deviations, "boundary")
     rows += compare_tensors(case, "boundary/state", ours.boundary_state(), ref.boundary_state(), deviations, "boundary")
     ref.set_tensors(ours.tensors())
-    x, y = batch_for(num_classes, num_tasks, TASK, batch, seed)
+    x, y = batch_for(num_classes, num_tasks, TASK, batch, seed, ours.image_size)
     log("eval logits")
     with torch.no_grad():
         rows += compare_tensors(case, "logits/eval", {"logits": ours.eval_logits(x)}, {"logits": ref.eval_logits(x)},
@@ -517,7 +522,7 @@ def run_sides(case: str, ours: Side, ref: Side, num_classes: int, num_tasks: int
     rows += compare_tensors(case, "lr", ours.lrs(3), ref.lrs(3), deviations)
     rows += compare_tensors(case, "loader", {"steps_per_epoch": torch.tensor(float(ours.steps_per_epoch(LOADER_IMAGES)))},
                             {"steps_per_epoch": torch.tensor(float(ref.steps_per_epoch(LOADER_IMAGES)))}, deviations)
-    img = test_image(benchmark, seed)
+    img = probe_image(benchmark, seed)
     for train in (True, False):
         name = "transform/train" if train else "transform/test"
         rows += compare_tensors(case, name, {"image": ours.transform(img, train, seed + 7)},
