@@ -28,6 +28,7 @@ Decisions that every method shares live here, once:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import time
@@ -154,8 +155,11 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
 
     * ``constant``;
     * ``cosine``: per-iteration cosine from lr to ``min_lr`` after ``warmup_epochs`` of linear warm-up;
-    * ``coda_cosine``: per epoch e of K, lr·cos(99π·e / (200·(K−1))) (CODA-Prompt, SMoPE-CUB);
-      K = ``schedule_epochs`` when set (a phase that runs the first epochs of a longer schedule)
+    * ``coda_cosine``: per epoch e (0-based) of K, lr·cos(99π·max(e−1, 0) / (200·(K−1)))
+      (CODA-Prompt, SMoPE-CUB, VQ-Prompt-CUB). The reference ``CosineSchedule`` sets the base lr in
+      its constructor and resets ``last_epoch`` to −1, and ``learners/default.py`` calls
+      ``scheduler.step()`` at the start of every epoch after the first: epochs 0 and 1 both run at
+      the base lr, epoch e ≥ 1 at the cosine's entry e − 1 (GT-RIPL/CODA-Prompt ``utils/schedulers.py``);
     * ``coswm``: SMoPE's ``CosineSchedulerIter``: ``min_lr`` for ``freeze_iters`` iterations,
       then a cosine to ``min_lr`` over ``iter_step·epochs − freeze_iters`` iterations, where
       ``iter_step`` is the config's assumed iterations per epoch (the real count if unset); past
@@ -166,13 +170,15 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
     """
     epoch = it // max(1, steps_per_epoch)
     s = tcfg.schedule
+    if s == "coda_cosine" and tcfg.schedule_epochs:  # the first epochs of a K-epoch schedule (OVOR)
+        tcfg = dataclasses.replace(tcfg, epochs=tcfg.schedule_epochs, schedule_epochs=None)
     if s == "constant":
         return 1.0
     if s == "step":
         return tcfg.gamma ** sum(1 for m in tcfg.milestones if epoch >= m)
     if s == "coda_cosine":
-        k = tcfg.schedule_epochs or tcfg.epochs
-        return math.cos(99 * math.pi * epoch / (200 * (k - 1))) if k > 1 else 1.0
+        k = tcfg.epochs
+        return math.cos(99 * math.pi * max(epoch - 1, 0) / (200 * (k - 1))) if k > 1 else 1.0
     floor = tcfg.min_lr / base_lr if base_lr > 0 else 0.0
     if s == "cosine":
         warm = tcfg.warmup_epochs * steps_per_epoch

@@ -19,8 +19,10 @@ Training per task (``NormalNN.train``, ``epochs = [warmup, regular, ood]``):
 
 * regular epochs (16 CIFAR-100, 40 ImageNet-R): CE over the current task's classes, prompt and
   head trained with Adam (lr 1e-3, betas (0.9, 0.999), wd 0), re-created every task; the
-  schedule is ``CosineSchedule`` over *all* K = regular + VOR epochs, lr·cos(99π·e/(200(K−1)))
-  stepped per epoch, which the suite's ``coda_cosine`` gives with ``train.schedule_epochs = K``;
+  schedule is ``CosineSchedule`` over *all* K = regular + VOR epochs, lr·cos(99π·(e−1)/(200(K−1)))
+  in epoch e ≥ 1 and the base lr in epoch 0 (the scheduler resets ``last_epoch`` after its first
+  step, so it lags one epoch; the parity harness found it), which the suite's ``coda_cosine``
+  gives with ``train.schedule_epochs = K``;
 * VOR epochs (the last 4 of 20 / 10 of 50; ``_train_one_epoch_ood``), here in ``end_task``
   (:meth:`OVOR.vor_stage`): at the start of each, the prompted [CLS] features of the task's
   training images with the *training* augmentation (one pass, no grad), then virtual outliers
@@ -246,7 +248,8 @@ class OVOR(ContinualMethod):
         base = scaled_lr(tcfg)
         params = list(self.head.parameters())
         opt = torch.optim.Adam(params, lr=base, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
-        dataset = ctx.train_dataset("train")
+        # contexts without a dataset (the parity harness's one-batch context) give features directly
+        dataset = ctx.train_dataset("train") if hasattr(ctx, "train_dataset") else None
         log: Dict[str, Any] = {"task": task.index, "epochs": []}
         for v in range(cfg.vor_epochs):
             epoch = tcfg.epochs + v  # the reference's epoch index within the task
@@ -255,15 +258,21 @@ class OVOR(ContinualMethod):
                 g["lr"] = lr
             seed = derive_seed(ctx.cfg.seed, task.index, "ovor-vor", v)
             seed_everything(seed)  # the training augmentation of this epoch's feature pass
-            loader = make_loader(dataset, tcfg.eval_batch_size, False, seed, tcfg, device=ctx.device)
             self.eval()
-            feats, labels = [], []
-            with torch.no_grad():
-                for x, y, _ in loader:
-                    with ctx.autocast():
-                        feats.append(self.backbone(x.to(ctx.device), prefix=self.prefix()).float().cpu())
-                    labels.append(y)
-            f, y = torch.cat(feats), torch.cat(labels)
+            if dataset is None:
+                f, y = ctx.features(lambda x: self.backbone(x, prefix=self.prefix()), transform="train")
+            else:
+                # a loader seeded per VOR epoch: with worker processes, their augmentation streams
+                # follow the loader's seed, so TaskContext.train_loader's fixed one would repeat
+                loader = make_loader(dataset, tcfg.eval_batch_size, False, seed, tcfg, device=ctx.device)
+                feats, labels = [], []
+                with torch.no_grad():
+                    for x, y, _ in loader:
+                        with ctx.autocast():
+                            feats.append(self.backbone(x.to(ctx.device), prefix=self.prefix()).float().cpu())
+                        labels.append(y)
+                f, y = torch.cat(feats), torch.cat(labels)
+            f, y = f.float().cpu(), y.cpu()
             gen = ctx.generator("ovor-vor", v)
             oods = synthesize_outliers(f, task.class_end - task.class_start, gen, cfg.knn_k, cfg.sample_from, cfg.select,
                                        cfg.per_class, cfg.cov, cfg.outliers)

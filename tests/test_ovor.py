@@ -142,23 +142,28 @@ def test_vor_step_trains_only_the_head_with_ce_over_the_current_task_plus_energy
 
 
 def test_schedule_runs_over_regular_and_vor_epochs():
-    # CIFAR-100: 16 regular epochs of a K = 20 cosine (utils/schedulers.py CosineSchedule)
+    # CIFAR-100: 16 regular epochs of a K = 20 CosineSchedule (utils/schedulers.py), which lags one
+    # epoch: epochs 0 and 1 at the base lr, epoch e >= 1 at cos(99π·(e−1) / (200·19))
     tcfg = TrainConfig(epochs=16, schedule="coda_cosine", schedule_epochs=20)
-    for e in (0, 7, 15):
-        assert schedule_factor(tcfg, e * 10, 10, 1e-3) == pytest.approx(math.cos(99 * math.pi * e / (200 * 19)))
+    assert schedule_factor(tcfg, 0, 10, 1e-3) == 1.0 and schedule_factor(tcfg, 10, 10, 1e-3) == 1.0
+    for e in (2, 7, 15):
+        assert schedule_factor(tcfg, e * 10, 10, 1e-3) == pytest.approx(math.cos(99 * math.pi * (e - 1) / (200 * 19)))
+    # not the 16-epoch schedule: epoch 15 would be cos(99π·14/3000)
+    assert schedule_factor(tcfg, 150, 10, 1e-3) != pytest.approx(math.cos(99 * math.pi * 14 / 3000))
 
 
 def test_vor_stage_in_a_tiny_run(tiny_run):
     # 3 tasks × 2 classes, 12 training images per class -> 24 ID features per task: select = 24,
     # 2 × 40 = 80 outliers of the 24 × 600 candidates = 3 full groups of 24 copies + 8 of a 4th
-    res = tiny_run("ovor", {"train": {"schedule_epochs": None, "lr": 0.003}, "method": {"vor_epochs": 1}})
+    res = tiny_run("ovor", {"train": {"schedule_epochs": None, "lr": 0.003}, "method": {"vor_epochs": 2}})
     vor = res["diagnostics"]["method"]["vor"]
     assert [v["task"] for v in vor] == [0, 1, 2]
     for v in vor:
-        (e,) = v["epochs"]
-        assert e["outliers"] == 80 and e["distinct_outliers"] == 4
-        # VOR epoch index 1 of K = 1 + 1 epochs: lr·cos(99π·1 / (200·1))
-        assert e["lr"] == pytest.approx(0.003 * math.cos(99 * math.pi / 200))
+        assert len(v["epochs"]) == 2
+        for e in v["epochs"]:
+            assert e["outliers"] == 80 and e["distinct_outliers"] == 4
+        # VOR epochs 1 and 2 of K = 1 + 2 (lagged cosine): the base lr, then lr·cos(99π·1 / (200·2))
+        assert [e["lr"] for e in v["epochs"]] == pytest.approx([0.003, 0.003 * math.cos(99 * math.pi / 400)])
 
 
 def test_vit_b16_added_parameters_match_the_reference_configuration_and_the_poster():

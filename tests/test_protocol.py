@@ -43,13 +43,29 @@ def test_lr_batch_scaling_rule():
     assert scaled_lr(TrainConfig(lr=0.03, batch_size=16)) == 0.03
 
 
-def test_coda_cosine_schedule_closed_form():
-    t = TrainConfig(schedule="coda_cosine", epochs=20)
-    for e in (0, 5, 19):
-        expect = math.cos(99 * math.pi * e / (200 * 19))
-        assert schedule_factor(t, e * 10, 10, 1e-3) == pytest.approx(expect)
-    # ends at about 1.6% of the base lr (baselines.md §3.3)
-    assert schedule_factor(t, 190, 10, 1e-3) == pytest.approx(0.0157, abs=1e-3)
+def test_coda_cosine_schedule_matches_the_reference_loop():
+    """CODA-Prompt's CosineSchedule (utils/schedulers.py) calls step(0) in its constructor (lr =
+    base·cos(0)) and then sets last_epoch = -1; learners/default.py steps it at the start of every
+    epoch e > 0, so epoch e runs with last_epoch = e - 1 for e >= 1 and at the base lr for e = 0.
+    K = 4 epochs, denominator 200·(K-1) = 600, by hand:
+      e=0: base; e=1: last_epoch 0 -> cos(0) = 1; e=2: cos(99π/600) = cos(29.7°);
+      e=3: cos(198π/600) = cos(59.4°)."""
+    t = TrainConfig(schedule="coda_cosine", epochs=4)
+    expect = [1.0, 1.0, math.cos(math.radians(29.7)), math.cos(math.radians(59.4))]
+    for e, want in enumerate(expect):
+        for it in (e * 10, e * 10 + 9):  # constant within the epoch
+            assert schedule_factor(t, it, 10, 1e-3) == pytest.approx(want, rel=1e-12)
+    assert expect[2] == pytest.approx(0.86863, abs=1e-5) and expect[3] == pytest.approx(0.50904, abs=1e-5)
+
+    # K = 20: the last epoch (19) runs at cos(99π·18/3800) = cos(84.4105°) ≈ 9.74% of the base lr
+    # (the suite before this fix used e instead of e - 1 and ended at cos(99π·19/3800) ≈ 1.6%)
+    t20 = TrainConfig(schedule="coda_cosine", epochs=20)
+    assert schedule_factor(t20, 19 * 10, 10, 1e-3) == pytest.approx(math.cos(math.radians(99 * 18 * 180 / 3800)), rel=1e-12)
+    assert schedule_factor(t20, 19 * 10, 10, 1e-3) == pytest.approx(0.0974, abs=1e-4)
+    assert schedule_factor(t20, 10, 10, 1e-3) == 1.0  # epoch 1 still at the base lr
+
+    # one epoch: the reference never steps; the denominator would be 0
+    assert schedule_factor(TrainConfig(schedule="coda_cosine", epochs=1), 3, 10, 1e-3) == 1.0
 
 
 def test_coswm_schedule_freeze_then_cosine_with_assumed_iter_step():
