@@ -175,13 +175,17 @@ def compare_init(case: str, ours: Dict[str, Tensor], ref: Dict[str, Tensor], dev
             side = "ours" if b is None else "the reference"
             rows.append(Row(case, check, name, float("nan"), 0.0, FAIL, f"only in {side}"))
             continue
-        if a.shape != b.shape:
+        if a.shape != b.shape and a.dim() > 1:  # re-drawn elements (1-D) may differ in number
             rows.append(Row(case, check, name, float("nan"), 0.0, FAIL,
                             f"shape {tuple(a.shape)} vs reference {tuple(b.shape)}"))
             continue
         note = f"ours {init_stats(a)}; ref {init_stats(b)}"
         da, db = a.detach().double().flatten(), b.detach().double().flatten()
-        if da.numel() < 2 or float(db.std()) == 0.0 or float(da.std()) == 0.0:
+        if da.numel() < 2 or db.numel() < 2 or float(db.std()) == 0.0 or float(da.std()) == 0.0:
+            if da.shape != db.shape:
+                rows.append(Row(case, check, name, float("nan"), 0.0, FAIL,
+                                f"shape {tuple(a.shape)} vs reference {tuple(b.shape)}"))
+                continue
             diff = float((da - db).abs().max()) if da.numel() else 0.0  # constants: equal values
             tol = 1e-12
         else:
@@ -259,7 +263,11 @@ def method_tensors(m: nn.Module) -> Dict[str, Tensor]:
 
 
 class OurSide(Side):
-    """Our implementation of ``name`` with a resolved preset, on ``vit`` (shared, frozen)."""
+    """Our implementation of ``name`` with a resolved preset, on ``vit`` (shared, frozen).
+    ``buffers``: names of the method's buffers that ``boundary_state`` reports (the adapter sets
+    them where the reference side reports the same state)."""
+
+    buffers: List[str] = []
 
     def __init__(self, name: str, cfg: Any, vit: nn.Module, seed: int = 0) -> None:
         from benchmarks.cost_report import benchmark_classes, build_method, make_tasks
@@ -292,7 +300,10 @@ class OurSide(Side):
         phase = self.method.phases(self.tasks[TASK])[-1]
         groups = phase.param_groups if phase.param_groups is not None else self.method.param_groups()
         optimised = {id(p) for g in groups for p in g["params"] if p.requires_grad}
-        return {f"trained:{n}": torch.tensor(float(id(p) in optimised)) for n, p in method_tensors(self.method).items()}
+        out = {f"trained:{n}": torch.tensor(float(id(p) in optimised)) for n, p in method_tensors(self.method).items()}
+        own = dict(self.method.named_buffers())
+        out.update({f"buffer:{n}": own[n].detach().clone().double() for n in self.buffers})
+        return out
 
     def eval_logits(self, x: Tensor) -> Tensor:
         from benchmarks.speed import InferBatch
@@ -357,7 +368,7 @@ class BatchContext:
     """The part of :class:`benchmarks.protocol.TaskContext` an ``end_task`` uses, over one batch."""
 
     def __init__(self, side: OurSide, batch: Tuple[Tensor, Tensor]) -> None:
-        self.side, self.batch = side, batch
+        self.side, self.batch, self.cfg = side, batch, side.cfg
         self.device = batch[0].device
         self.cfg = side.cfg  # the run config (train settings, seed), as TaskContext.cfg
 
@@ -417,6 +428,9 @@ class Adapter:
     method: str = ""
     repo: str = ""
     deviations: Dict[str, str] = {}  # check glob -> docs paragraph documenting the difference
+    # whether the boundary includes end-of-task work on a batch of the previous task (class
+    # statistics, usage counts, alignment); False where the reference side does not model it
+    end_of_task: bool = True
 
     def cases(self) -> List[Case]:
         raise NotImplementedError
@@ -435,15 +449,32 @@ class Adapter:
         return None
 
 
-ADAPTERS: Dict[str, Adapter] = {}
+ADAPTERS: Dict[str, List[Adapter]] = {}  # a method may have several references (e.g. l2p: l2p-pytorch, CODA)
 
 
 def register_adapter(cls: type) -> type:
-    ADAPTERS[cls.method] = cls()
+    ADAPTERS.setdefault(cls.method, []).append(cls())
     return cls
 
 
-def load_adapters() -> Dict[str, Adapter]:
+def pick_adapter(method: str, ref_dir: str) -> Adapter:
+    """The adapter of ``method`` whose repository ``ref_dir`` is a checkout of (ParityError if none)."""
+    adapters = load_adapters()
+    if method not in adapters:
+        raise ParityError(f"no parity adapter for '{method}'; available: {', '.join(sorted(adapters))}")
+    repos = " or ".join(a.repo for a in adapters[method])
+    if not os.path.isdir(ref_dir):
+        raise ParityError(f"--ref {ref_dir} is not a directory; pass a local checkout of {repos}")
+    whys = []
+    for adapter in adapters[method]:
+        why = adapter.check_ref(ref_dir)
+        if why is None:
+            return adapter
+        whys.append(why)
+    raise ParityError(whys[0] if len(whys) == 1 else f"--ref {ref_dir} is not a checkout of {repos}")
+
+
+def load_adapters() -> Dict[str, List[Adapter]]:
     """Import every ``benchmarks/parity_*.py`` module (each registers its adapters)."""
     import benchmarks
 
@@ -478,14 +509,14 @@ def batch_for(num_classes: int, num_tasks: int, task: int, batch: int, seed: int
 
 def run_sides(case: str, ours: Side, ref: Side, num_classes: int, num_tasks: int, benchmark: str,
               deviations: Dict[str, str], batch: int = 2, seed: int = 0,
-              log: Callable[[str], None] = lambda s: None) -> List[Row]:
+              log: Callable[[str], None] = lambda s: None, end_of_task: bool = True) -> List[Row]:
     """Every check on two built sides (the part of :func:`run_case` the tests drive directly)."""
     rows: List[Row] = []
     log("init")
     rows += compare_init(case, ours.init, ref.init, deviations)
     # identical task-0 tensors, then the boundary into task TASK
     ref.set_tensors(ours.tensors())
-    prev = batch_for(num_classes, num_tasks, TASK - 1, batch, seed, ours.image_size)
+    prev = batch_for(num_classes, num_tasks, TASK - 1, batch, seed, ours.image_size) if end_of_task else None
     for t in range(TASK + 1):
         log(f"start task {t}")
         before_o, before_r = ours.tensors(), ref.tensors()
@@ -497,11 +528,22 @@ def run_sides(case: str, ours: Side, ref: Side, num_classes: int, num_tasks: int
     rows += compare_tensors(case, "boundary/changed", ch_o, ch_r, deviations, "boundary")
     redrawn = {n for n in ch_o if n in ch_r and float(ch_o[n]) > 0 and float(ch_r[n]) > 0
                and not torch.equal(after_o[n], after_r[n])}
-    # tensors both sides re-draw: compare their distributions; all others: their values
-    rows += compare_init(case, {n: after_o[n] for n in redrawn}, {n: after_r[n] for n in redrawn}, deviations,
-                         check="boundary/redrawn")
-    rows += compare_tensors(case, "boundary/values", {n: v for n, v in after_o.items() if n not in redrawn},
-                            {n: v for n, v in after_r.items() if n not in redrawn}, deviations, "boundary")
+    # elements both sides re-draw at the boundary: their distributions (as init); every other
+    # element: its value
+    fresh_o, fresh_r, kept_o, kept_r = {}, {}, {}, {}
+    for n in after_o:
+        if n not in after_r:
+            kept_o[n] = after_o[n]
+        elif n in redrawn:
+            mo, mr = after_o[n] != before_o[n], after_r[n] != before_r[n]
+            fresh_o[n], fresh_r[n] = after_o[n][mo], after_r[n][mr]
+            if torch.equal(mo, mr):
+                kept_o[n], kept_r[n] = after_o[n][~mo], after_r[n][~mr]
+        else:
+            kept_o[n], kept_r[n] = after_o[n], after_r[n]
+    kept_r.update({n: v for n, v in after_r.items() if n not in after_o})
+    rows += compare_init(case, fresh_o, fresh_r, deviations, check="boundary/redrawn")
+    rows += compare_tensors(case, "boundary/values", kept_o, kept_r, deviations, "boundary")
     rows += compare_tensors(case, "boundary/state", ours.boundary_state(), ref.boundary_state(), deviations, "boundary")
     ref.set_tensors(ours.tensors())
     x, y = batch_for(num_classes, num_tasks, TASK, batch, seed, ours.image_size)
@@ -531,12 +573,9 @@ def run_sides(case: str, ours: Side, ref: Side, num_classes: int, num_tasks: int
     return rows
 
 
-def run_case(adapter: Adapter, case: Case, ref_dir: str, batch: int = 2, seed: int = 0,
+def run_case(adapter: Adapter, case: Case, ref_dir: str, vit: nn.Module, batch: int = 2, seed: int = 0,
              log: Callable[[str], None] = lambda s: None) -> List[Row]:
-    from benchmarks.cost_report import random_backbone
-
-    # our ViT first: importing a JH-LEE-KR code base re-registers timm's vit_base_patch16_224
-    vit = random_backbone("vit_base_patch16_224", seed=seed)
+    """Every check of one case; ``vit`` is the random ViT-B/16 both sides get (frozen, shared)."""
     log(f"{case.label}: building ours")
     ours = adapter.ours(case, vit, seed)
     log(f"{case.label}: building the reference")
@@ -544,7 +583,8 @@ def run_case(adapter: Adapter, case: Case, ref_dir: str, batch: int = 2, seed: i
     ref = adapter.reference(case, ref_dir, vit, ours, seed)
     assert isinstance(ours, OurSide)
     return run_sides(case.label, ours, ref, ours.num_classes, ours.cfg.benchmark.num_tasks, case.benchmark,
-                     {**adapter.deviations, **case.deviations}, batch, seed, log=lambda s: log(f"{case.label}: {s}"))
+                     {**adapter.deviations, **case.deviations}, batch, seed, log=lambda s: log(f"{case.label}: {s}"),
+                     end_of_task=adapter.end_of_task)
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -607,15 +647,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     try:
-        adapters = load_adapters()
-        if a.method not in adapters:
-            raise ParityError(f"no parity adapter for '{a.method}'; available: {', '.join(sorted(adapters))}")
-        adapter = adapters[a.method]
-        if not os.path.isdir(a.ref):
-            raise ParityError(f"--ref {a.ref} is not a directory; pass a local checkout of {adapter.repo}")
-        why = adapter.check_ref(a.ref)
-        if why:
-            raise ParityError(why)
+        adapter = pick_adapter(a.method, a.ref)
         from benchmarks.config import ConfigError, deep_merge, parse_set
 
         try:
@@ -635,8 +667,13 @@ def run(a: argparse.Namespace) -> int:
     rows: List[Row] = []
     sys.path.insert(0, os.path.abspath(a.ref))
     t0 = time.time()
+    from benchmarks.cost_report import random_backbone
+
+    # our ViT once, before any reference is imported (a JH-LEE-KR code base re-registers timm's
+    # vit_base_patch16_224 with its own builder)
+    vit = random_backbone("vit_base_patch16_224", seed=a.seed)
     for case in cases:
-        rows += run_case(adapter, case, a.ref, a.batch, a.seed, log)
+        rows += run_case(adapter, case, a.ref, vit, a.batch, a.seed, log)
     print(markdown_table(rows, a.tensors))
     counts = summary(rows)
     print(f"\n{counts[PASS]} PASS, {counts[DEVIATION]} DEVIATION, {counts[FAIL]} FAIL")

@@ -61,16 +61,19 @@ class Recorder(nn.Module):
 class JHLeeSide(Side):
     """The reference side of a JH-LEE-KR code base (see the module docstring).
 
-    ``names`` maps their trainable parameter names to ours; ``aux`` turns the model's output
-    dict into the auxiliary loss term exactly as their ``train_one_epoch`` adds it."""
+    ``names`` maps their trainable parameter names to ours: a name, or ``(name, to_ours,
+    to_theirs)`` where the layouts differ (two functions that reshape a tensor each way)."""
 
-    def __init__(self, config: str, vit: nn.Module, num_classes: int, num_tasks: int, names: Dict[str, str],
+    vit_modules: Tuple[str, ...] = ("vision_transformer", "models")  # the first has checkpoint_filter_fn
+    engine_name = "engine"
+
+    def __init__(self, config: str, vit: nn.Module, num_classes: int, num_tasks: int, names: Dict[str, Any],
                  extra: Sequence[str] = (), seed: int = 0) -> None:
         from timm.models import create_model
 
         cpu_shims()
         timm06_shim()
-        self.names = names
+        self.names = {k: v if isinstance(v, tuple) else (v, None, None) for k, v in names.items()}
         cfgmod = importlib.import_module(f"configs.{config}")
         parser = argparse.ArgumentParser()
         sub = parser.add_subparsers(dest="subparser_name")
@@ -83,9 +86,9 @@ class JHLeeSide(Side):
         self.args = args
         with warnings.catch_warnings():  # their builders re-register timm's names on purpose
             warnings.simplefilter("ignore")
-            self.vit_module = importlib.import_module("vision_transformer")
-            importlib.import_module("models")  # registers their ViT builders in timm
-        self.engine = importlib.import_module("engine")
+            mods = [importlib.import_module(m) for m in self.vit_modules]  # registers their ViT builders
+            self.vit_module = mods[0]
+        self.engine = importlib.import_module(self.engine_name)
         self.datasets = importlib.import_module("datasets")
         common = dict(pretrained=False, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                       drop_block_rate=None)
@@ -95,16 +98,16 @@ class JHLeeSide(Side):
             if hasattr(args, attr or kw):
                 kwargs[kw] = getattr(args, attr or kw)
         torch.manual_seed(seed)
-        self.original = create_model(args.model, **common)
+        self.original = create_model(getattr(args, "original_model", args.model), **common, **self.original_kwargs())
         torch.manual_seed(seed)
         self.model = create_model(args.model, **common, **kwargs)
+        self.init = self.original_init()
         for p in self.original.parameters():
             p.requires_grad = False
         for n, p in self.model.named_parameters():
             if n.startswith(tuple(args.freeze)):
                 p.requires_grad = False
-        self.init = {self.names.get(n, f"ref:{n}"): p.detach().clone()
-                     for n, p in self.model.named_parameters() if p.requires_grad}
+        self.init.update(self._ours({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}))
         for m in (self.original, self.model):
             sd = self.vit_module.checkpoint_filter_fn(vit.state_dict(), m)
             m.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head.")}, strict=False)
@@ -113,23 +116,44 @@ class JHLeeSide(Side):
         self.optimizer = self._optimizer()
         self.task = 0
 
+    def original_kwargs(self) -> Dict[str, Any]:
+        """Extra create_model keywords of the original (query) model."""
+        return {}
+
+    def original_init(self) -> Dict[str, Tensor]:
+        """Trainable tensors of the original model as built (HiDe's TII network), our names."""
+        return {}
+
     def _optimizer(self):
         from timm.optim import create_optimizer
 
         return create_optimizer(self.args, self.model)
 
-    def _own(self) -> Dict[str, nn.Parameter]:
-        return {self.names.get(n, f"ref:{n}"): p for n, p in self.model.named_parameters() if p.requires_grad}
+    def _ours(self, theirs: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Their tensors under our names and in our layout."""
+        out = {}
+        for n, v in theirs.items():
+            name, to_ours, _ = self.names.get(n, (f"ref:{n}", None, None))
+            out[name] = to_ours(v) if to_ours else v
+        return out
+
+    def _name(self, theirs: str) -> str:
+        return self.names.get(theirs, (f"ref:{theirs}",))[0]
+
+    def _trainable(self) -> Dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def tensors(self) -> Dict[str, Tensor]:
-        return {n: p.detach().clone() for n, p in self._own().items()}
+        return self._ours({n: p.detach().clone() for n, p in self._trainable().items()})
 
     def set_tensors(self, values: Dict[str, Tensor]) -> None:
-        own = self._own()
         with torch.no_grad():
-            for n, v in values.items():
-                if n in own and own[n].shape == v.shape:
-                    own[n].copy_(v)
+            for n, p in self._trainable().items():
+                name, _, to_theirs = self.names.get(n, (f"ref:{n}", None, None))
+                if name in values:
+                    v = to_theirs(values[name]) if to_theirs else values[name]
+                    if v.shape == p.shape:
+                        p.copy_(v)
 
     def start_task(self, t: int, prev: Optional[Tuple[Tensor, Tensor]] = None) -> None:
         """Their train_and_evaluate up to the first training call of task ``t``."""
@@ -148,18 +172,25 @@ class JHLeeSide(Side):
                 p.grad = torch.zeros_like(p)
         try:
             with quiet():
-                eng.train_and_evaluate(self.model, self.model, self.original, nn.CrossEntropyLoss(), [{"train": []}] * self.args.num_tasks,
-                                       self.optimizer, None, torch.device("cpu"), self.class_mask, self.args)
+                self.run_train_and_evaluate()
         except _Stop as stop:
             self.optimizer = stop.optimizer
         finally:
             eng.train_one_epoch, eng.evaluate_till_now = saved
         self.task = t
 
+    def run_train_and_evaluate(self) -> None:
+        self.engine.train_and_evaluate(self.model, self.model, self.original, nn.CrossEntropyLoss(),
+                                       [{"train": []}] * self.args.num_tasks, self.optimizer, None, torch.device("cpu"),
+                                       self.class_mask, self.args)
+
+    def one_epoch(self, crit: nn.Module, x: Tensor, y: Tensor) -> None:
+        self.engine.train_one_epoch(self.model, self.original, crit, [(x, y)], self.optimizer, torch.device("cpu"),
+                                    0, self.args.clip_grad, True, self.task, self.class_mask, self.args)
+
     def boundary_state(self) -> Dict[str, Tensor]:
         optimised = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        return {f"trained:{self.names.get(n, 'ref:' + n)}": torch.tensor(float(id(p) in optimised and p.requires_grad))
-                for n, p in self.model.named_parameters() if p.requires_grad}
+        return {f"trained:{self._name(n)}": torch.tensor(float(id(p) in optimised)) for n, p in self._trainable().items()}
 
     def _cls(self, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -177,17 +208,20 @@ class JHLeeSide(Side):
         hook = self.model.register_forward_hook(lambda mod, a, out: outs.append(out))
         try:
             with quiet():
-                self.engine.train_one_epoch(self.model, self.original, crit, [(x, y)], self.optimizer, torch.device("cpu"),
-                                            0, self.args.clip_grad, True, self.task, self.class_mask, self.args)
+                self.one_epoch(crit, x, y)
         finally:
             hook.remove()
         out = outs[-1]
         losses = {"ce": crit.calls[-1][1]}
-        if self.args.pull_constraint and "reduce_sim" in out:  # engine.py: loss - coeff * reduce_sim
-            losses["aux"] = (-self.args.pull_constraint_coeff * out["reduce_sim"]).detach()
-        own = self._own()
-        grads = {n: p.grad.detach().clone() for n, p in own.items() if p.grad is not None}
+        losses.update(self.aux_losses(out))
+        grads = self._ours({n: p.grad.detach().clone() for n, p in self._trainable().items() if p.grad is not None})
         return Step(out["logits"].detach(), losses, grads, self.tensors())
+
+    def aux_losses(self, out: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """The terms their train_one_epoch adds to the CE, from the model's output dict."""
+        if getattr(self.args, "pull_constraint", False) and "reduce_sim" in out:  # loss - coeff * reduce_sim
+            return {"aux": (-self.args.pull_constraint_coeff * out["reduce_sim"]).detach()}
+        return {}
 
     def lrs(self, steps_per_epoch: int) -> Dict[str, Tensor]:
         """main.py's optimiser and scheduler (none for ``sched constant``), stepped as
@@ -203,7 +237,8 @@ class JHLeeSide(Side):
                     per_param.setdefault(id(p), []).append(g["lr"])
             if sched:
                 sched.step(epoch)
-        return {n: torch.tensor(per_param[id(p)], dtype=torch.float64) for n, p in self._own().items() if id(p) in per_param}
+        return {self._name(n): torch.tensor(per_param[id(p)], dtype=torch.float64)
+                for n, p in self._trainable().items() if id(p) in per_param}
 
     def steps_per_epoch(self, images: int) -> int:
         # datasets.py build_continual_dataloader: DataLoader(batch_size=args.batch_size), no drop_last
@@ -223,23 +258,22 @@ class JHLeeAdapter(Adapter):
     configs: Dict[str, str] = {}  # benchmark -> configs/<name>.py
     marker = ""  # a file only this repository has
 
-    # the preset leaves the ports' batch-wise prompt vote off (documented); with it off, prompt
-    # selection, and so everything downstream of it, may differ from the reference's
-    vote_doc = ""
-    batchwise: Tuple[str, ...] = ()  # benchmarks whose reference config has batchwise_prompt on
+    # documented differences of the preset from the reference config (options that exist, default
+    # off): per benchmark, our overrides that reproduce the reference, and the docs paragraph
+    ref_options: Dict[str, Dict[str, Any]] = {}
+    doc = ""
 
     def cases(self) -> List[Case]:
-        """Per config: the preset as it is, and the preset with the reference's batch-wise vote
-        (``method.batchwise_prompt=true``), where every number must agree."""
+        """Per config: the preset as it is (where it differs by a documented option, the checks
+        downstream of prompt selection are DEVIATIONs linking ``doc``), and the preset with the
+        options set as the reference has them, where every number must agree."""
         out = []
         for b, c in self.configs.items():
-            if b not in self.batchwise:  # the reference config has the vote off: one case
-                out.append(Case("paper", b, f"configs/{c}.py", options={"config": c}))
-                continue
-            out.append(Case("paper", b, f"configs/{c}.py", options={"config": c},
-                            deviations={k: self.vote_doc for k in ("logits/*", "loss/*", "grad", "step")}))
-            out.append(Case("paper", b, f"configs/{c}.py", overrides={"method": {"batchwise_prompt": True}},
-                            options={"config": c}))
+            opts = self.ref_options.get(b, {})
+            devs = {k: self.doc for k in ("logits/*", "loss/*", "grad", "step")} if opts else {}
+            out.append(Case("paper", b, f"configs/{c}.py", options={"config": c}, deviations=devs))
+            if opts:
+                out.append(Case("paper", b, f"configs/{c}.py", overrides={"method": dict(opts)}, options={"config": c}))
         return out
 
     def check_ref(self, ref_dir: str) -> Optional[str]:
@@ -262,10 +296,54 @@ class L2PAdapter(JHLeeAdapter):
     method = "l2p"
     repo = "JH-LEE-KR/l2p-pytorch"
     configs = {"cifar100": "cifar100_l2p"}
-    batchwise = ("cifar100",)
     marker = "configs/cifar100_l2p.py"
-    vote_doc = "docs/methods-l2p-dualprompt.md#l2p-methodvariant-l2p-default (batchwise_prompt off)"
+    ref_options = {"cifar100": {"batchwise_prompt": True}}
+    doc = "docs/methods-l2p-dualprompt.md#l2p-methodvariant-l2p-default (batchwise_prompt off)"
 
     def names(self, ours: Side) -> Dict[str, str]:
         return {"prompt.prompt": "prompts.0", "prompt.prompt_key": "keys.0", "head.weight": "head.weight",
                 "head.bias": "head.bias"}
+
+
+def _e_to_ours(v: Tensor) -> Tensor:
+    """(layers, 2, pool, L, H, d_h) -> ours (layers, pool, 2L, D): rows [0, L) keys, [L, 2L) values."""
+    n, two, m, length, h, dh = v.shape
+    return v.permute(0, 2, 1, 3, 4, 5).reshape(n, m, two * length, h * dh)
+
+
+def _g_to_ours(v: Tensor) -> Tensor:
+    """(layers, 2, L, H, d_h) -> ours (layers, 2L, D)."""
+    n, two, length, h, dh = v.shape
+    return v.reshape(n, two * length, h * dh)
+
+
+@register_adapter
+class DualPromptAdapter(JHLeeAdapter):
+    method = "dualprompt"
+    repo = "JH-LEE-KR/dualprompt-pytorch"
+    configs = {"cifar100": "cifar100_dualprompt", "imagenet_r": "imr_dualprompt"}
+    marker = "configs/imr_dualprompt.py"
+    # the port's E-prompt reshape (dualprompt-pytorch#8) and, on CIFAR, its batch-wise vote
+    ref_options = {"cifar100": {"batchwise_prompt": True, "reshape_quirk": True}, "imagenet_r": {"reshape_quirk": True}}
+    doc = "docs/methods-l2p-dualprompt.md#dualprompt-methodvariant-dualprompt-default (reshape_quirk, batchwise_prompt off)"
+
+    def names(self, ours: Side) -> Dict[str, Any]:
+        own = ours.init  # our layouts, to invert the mapping
+        e_shape, g_shape = own["e_prompt"].shape, own["g_prompt"].shape
+
+        def e_to_theirs(v: Tensor) -> Tensor:
+            n, m, rows, d = v.shape
+            h = self.heads
+            return v.reshape(n, m, 2, rows // 2, h, d // h).permute(0, 2, 1, 3, 4, 5).contiguous()
+
+        def g_to_theirs(v: Tensor) -> Tensor:
+            n, rows, d = v.shape
+            return v.reshape(n, 2, rows // 2, self.heads, d // self.heads).contiguous()
+
+        assert e_shape[2] % 2 == 0 and g_shape[1] % 2 == 0
+        return {"e_prompt.prompt": ("e_prompt", _e_to_ours, e_to_theirs),
+                "e_prompt.prompt_key": ("keys", lambda v: v.unsqueeze(0), lambda v: v[0]),
+                "g_prompt": ("g_prompt", _g_to_ours, g_to_theirs),
+                "head.weight": "head.weight", "head.bias": "head.bias"}
+
+    heads = 12  # ViT-B/16

@@ -250,7 +250,8 @@ def test_cli_missing_or_wrong_ref_is_one_sentence_and_exit_2(tmp_path, capsys):
     import bench
 
     for args, needle in ((["l2p", "--ref", str(tmp_path / "nope")], "is not a directory"),
-                         (["l2p", "--ref", str(tmp_path)], "configs/cifar100_l2p.py"),
+                         (["l2p", "--ref", str(tmp_path)], "is not a checkout of JH-LEE-KR/l2p-pytorch or GT-RIPL/CODA-Prompt"),
+                         (["smope", "--ref", str(tmp_path)], "configs/cifar-100_prompt_smope.yaml"),
                          (["no_such_method", "--ref", str(tmp_path)], "no parity adapter")):
         assert bench.main(["parity", *args]) == 2
         out = capsys.readouterr()
