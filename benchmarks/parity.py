@@ -370,7 +370,6 @@ class BatchContext:
     def __init__(self, side: OurSide, batch: Tuple[Tensor, Tensor]) -> None:
         self.side, self.batch, self.cfg = side, batch, side.cfg
         self.device = batch[0].device
-        self.cfg = side.cfg  # the run config (train settings, seed), as TaskContext.cfg
 
     def autocast(self):
         return torch.autocast(device_type="cpu", enabled=False)
