@@ -128,7 +128,9 @@ class LearnerSide(Side):
         lrn = self.lrn
         seen: List[Any] = []
         crit: List[Tensor] = []
-        hook = lrn.model.register_forward_hook(lambda mod, a, out: seen.append(out))
+        # a copy: update_model writes -inf into a view of the output (the old classes)
+        hook = lrn.model.register_forward_hook(
+            lambda mod, a, out: seen.append((out[0].detach().clone(), out[1]) if isinstance(out, tuple) else out.detach().clone()))
         criterion = lrn.criterion
 
         def recording(logits: Tensor, targets: Tensor, dw: Tensor) -> Tensor:
@@ -173,14 +175,18 @@ class LearnerSide(Side):
         return self.lr_to_ours(theirs)
 
     def lr_to_ours(self, theirs: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """Per-tensor lrs under our names: a tensor of theirs split into several of ours gives
-        each the same list (mapped through a tensor of the right shape)."""
-        out: Dict[str, Tensor] = {}
+        """Per-tensor lrs under our names: each epoch's lrs as constant tensors of their shapes,
+        mapped like the tensors themselves (an ours tensor assembled from tensors of theirs with
+        different lrs gets NaN, which fails)."""
         named = self._trainable()
-        for n, lr in theirs.items():
-            for ours_name in self.to_ours_fn({n: named[n].detach()}):
-                out[ours_name] = lr
-        return out
+        epochs = len(next(iter(theirs.values()))) if theirs else 0
+        out: Dict[str, List[float]] = {}
+        for e in range(epochs):
+            mapped = self.to_ours_fn({n: torch.full(named[n].shape, float(lr[e]), dtype=torch.float64)
+                                      for n, lr in theirs.items()})
+            for name, v in mapped.items():
+                out.setdefault(name, []).append(float(v.flatten()[0]) if bool((v == v.flatten()[0]).all()) else float("nan"))
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
 
     def steps_per_epoch(self, images: int) -> int:
         # trainer.py: DataLoader(train_dataset, batch_size, shuffle=True, drop_last=True)

@@ -221,6 +221,11 @@ def test_markdown_folds_passing_rows_and_keeps_failures():
     text = markdown_table(rows)
     assert "| c | grad | 2 tensors (worst: b) | 5e-07 | 1e-06 | PASS |" in text
     assert "| c | grad | z | 1 | 1e-06 | **FAIL** |" in text
+    # the same failure of many tensors (one schedule for all) is one row; a different one is not
+    same = [Row("c", "lr", n, 3e-5, 2e-12, FAIL) for n in ("a", "b", "c")] + [Row("c", "lr", "d", 1e-3, 2e-12, FAIL)]
+    text = markdown_table(same)
+    assert "| c | lr | 3 tensors (first: a) | 3e-05 | 2e-12 | **FAIL** |" in text
+    assert "| c | lr | d | 0.001 | 2e-12 | **FAIL** |" in text
 
 
 def test_our_side_against_itself_passes_and_sees_a_changed_head_init(micro_backbone, tiny_config):
