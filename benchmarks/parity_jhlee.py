@@ -54,7 +54,8 @@ class Recorder(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         loss = nn.functional.cross_entropy(logits, target)
-        self.calls.append((logits.detach(), loss.detach()))
+        # clone: the reference adds its other terms to the returned loss in place (loss += ...)
+        self.calls.append((logits.detach(), loss.detach().clone()))
         return loss
 
 
