@@ -74,7 +74,7 @@ class TrainConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9
     weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | cosine | coda_cosine | coswm | step
+    schedule: str = "constant"  # constant | cosine | coda_cosine | coswm | step | timm_cosine
     warmup_epochs: int = 0
     freeze_iters: int = 0  # coswm: iterations at the floor lr before the cosine
     iter_step: Optional[int] = None  # coswm: iterations per epoch assumed by the schedule

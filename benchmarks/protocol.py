@@ -166,7 +166,10 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
       its end the lr stays at ``min_lr``. The reference scheduler sets the base lr when it is built
       and steps after each update, so update 0 runs at the base lr and update i ≥ 1 at the
       schedule's entry i − 1 (SMoPE ``utils/schedulers.py`` ``_LRSchedulerIter.__init__``);
-    * ``step``: × ``gamma`` at each epoch in ``milestones``.
+    * ``step``: × ``gamma`` at each epoch in ``milestones``;
+    * ``timm_cosine``: timm's per-epoch ``CosineLRScheduler`` (t_initial = epochs, lr_min =
+      ``min_lr``) stepped with ``step(epoch)`` after each epoch: epoch e ≥ 1 runs at the cosine's
+      value for e − 1 (NoRGa / HiDe-Prompt ImageNet-R).
     """
     epoch = it // max(1, steps_per_epoch)
     s = tcfg.schedule
@@ -200,7 +203,12 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
             return floor + (1 - floor) * (it - tcfg.freeze_iters + 1) / warm
         p = min(1.0, (it - tcfg.freeze_iters - warm) / max(1, total - tcfg.freeze_iters - warm))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
-    raise ConfigError(f"unknown schedule '{s}'; use constant, cosine, coda_cosine, coswm or step")
+    if s == "timm_cosine":
+        # timm CosineLRScheduler(t_initial=epochs, lr_min=min_lr) stepped as step(epoch) after each
+        # epoch (JH-LEE / HiDe / NoRGa engines): constant within an epoch, epoch e >= 1 at t = e - 1
+        t = max(epoch - 1, 0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t / tcfg.epochs))
+    raise ConfigError(f"unknown schedule '{s}'; use constant, cosine, coda_cosine, coswm, step or timm_cosine")
 
 
 def build_scheduler(opt: torch.optim.Optimizer, tcfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -132,3 +132,22 @@ def test_bad_gate_is_a_config_error(micro_backbone):
         NoRGa.Config(gate_act="swish").validate()
     with pytest.raises(ConfigError):
         NoRGa(micro_backbone, C, NoRGa.Config(gate_act="swish"))
+
+
+def test_imagenet_r_schedule_is_timms_epoch_cosine_stepped_after_each_epoch():
+    # engines/norga_prompt_engine.py: lr_scheduler.step(epoch) after epoch e, timm CosineLRScheduler
+    # (t_initial 150, lr_min 1e-5): epoch 0 and 1 at the base lr, epoch e at t = e − 1, constant
+    # within the epoch. By hand for K = 4, lr_min 0: 1, 1, (1 + cos(π/4))/2, (1 + cos(π/2))/2
+    from benchmarks.config import resolve_config
+    from benchmarks.protocol import schedule_factor
+
+    t = TrainConfig(schedule="timm_cosine", epochs=4, min_lr=0.0)
+    want = [1.0, 1.0, (1 + math.sqrt(0.5)) / 2, 0.5]
+    for e, w in enumerate(want):
+        for it in (3 * e, 3 * e + 2):
+            assert schedule_factor(t, it, 3, 0.015) == pytest.approx(w, rel=1e-12)
+    cfg = resolve_config("norga", "imagenet_r", "paper").train
+    assert (cfg.schedule, cfg.epochs, cfg.min_lr) == ("timm_cosine", 150, 1e-5)
+    # lr_min 1e-5 of a base 0.015: floor + (1 − floor)·(1 + cos(π·1/150))/2 in epoch 2
+    floor = 1e-5 / 0.015
+    assert schedule_factor(cfg, 2, 1, 0.015) == pytest.approx(floor + (1 - floor) * (1 + math.cos(math.pi / 150)) / 2)
