@@ -9,6 +9,7 @@
     python bench.py report [--runs runs] [--out results/report]
     python bench.py reproduce TABLE [--dry-run]
     python bench.py sweep ... --launcher local|slurm
+    python bench.py gpu-check [--device cuda] [--budget 420] [--out results/gpu-check] [--ref-root DIR]
 
 Errors in user input print one sentence and exit with status 2, leaving no run directory behind.
 """
@@ -118,7 +119,33 @@ def resolve_all(args: argparse.Namespace, benches: List[str], methods: List[str]
 
 # --- commands ------------------------------------------------------------------------------
 
+def cmd_list_presets(args: argparse.Namespace) -> int:
+    """``list presets [--resolved]``: preset names, or every resolved cell with its sources."""
+    from benchmarks.config import ConfigError, available_presets
+    from benchmarks.datasets import list_datasets
+    from benchmarks.preset_listing import render_markdown, render_table, resolved_cells
+    from methods.registry import list_methods
+
+    def names(values, known, what):
+        out = [n.strip() for v in (values or []) for n in v.split(",") if n.strip()]
+        unknown = [n for n in out if n not in known]
+        if unknown:
+            raise ConfigError(f"unknown {what} '{unknown[0]}'; choose from {', '.join(known)}")
+        return out or None
+
+    if not args.resolved:
+        for p in available_presets():
+            print(p)
+        return 0
+    cells = resolved_cells(names(args.method, list_methods(), "method"), names(args.preset, available_presets(), "preset"),
+                           names(args.benchmark, list_datasets(), "benchmark"))
+    print(render_markdown(cells) if args.markdown else render_table(cells), end="" if args.markdown else "\n")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    if getattr(args, "what", None) == "presets" or getattr(args, "resolved", False):
+        return cmd_list_presets(args)
     from benchmarks.config import available_presets
     from benchmarks.datasets import _DEFAULT_TASKS, list_datasets
     from methods.backbones import MICRO_CONFIGS
@@ -216,6 +243,13 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return parity.run(args)
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    """Speed, memory and precision of every method on one device in minutes (docs/speed.md)."""
+    from benchmarks import gpu_check
+
+    return gpu_check.cli(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The quick demo: every method and baseline on the quick synthetic preset, the ViT-B/16 cost
     table, then the report. Ends by printing the main table and the path of report.html."""
@@ -226,6 +260,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     jobs = [["run", "-b", "synthetic", "-m", m, "--preset", "quick", "--out", str(out / "runs"), "--seeds", str(s), "--quiet"]
             for m in demo_order(list_methods()) for s in args.seeds]
+    if getattr(args, "precision", None):  # opt-in bf16 autocast on the CPU (docs/speed.md says when it pays)
+        jobs = [j + ["--precision", args.precision] for j in jobs]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, min(len(jobs), cores))
     print(f"demo: {len(jobs)} runs (every method and baseline x seeds {' '.join(map(str, args.seeds))}, quick preset) "
@@ -298,7 +334,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=0.01 method.pool_size=20")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="fp32 (default, as the reference codes) or bf16 autocast (opt-in; auto = bf16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     p.add_argument("--no-query-cache", action="store_true", help="recompute the query pass every time")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
@@ -311,10 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench.py", description="PromptCL-Bench: prompt-based continual learning, compared fairly.")
     parser.add_argument("--out", default="results/demo", help="demo output folder (no subcommand)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="demo seeds (no subcommand)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                        help="demo runs' precision (no subcommand; default: the preset's)")
     parser.add_argument("--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command")
 
-    sub.add_parser("list", help="list methods, baselines, benchmarks, presets, backbones")
+    p = sub.add_parser("list", help="list methods, baselines, benchmarks, presets, backbones")
+    p.add_argument("what", nargs="?", choices=["presets"], help="presets: the presets (with --resolved, every cell)")
+    p.add_argument("--resolved", action="store_true",
+                   help="per method x preset x benchmark: the effective settings and the preset file of each")
+    p.add_argument("-m", "--method", action="append", help="only these methods (comma-separated)")
+    p.add_argument("-b", "--benchmark", action="append", help="only these benchmarks (comma-separated)")
+    p.add_argument("--preset", action="append", help="only these presets (comma-separated)")
+    p.add_argument("--markdown", action="store_true", help="the full docs/presets.md text")
 
     p = sub.add_parser("run", help="train and evaluate methods on a benchmark")
     add_run_options(p)
@@ -366,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--submitit-backend", default="slurm", choices=["slurm", "local", "debug"])
     p.add_argument("--no-wait", action="store_true", help="slurm: submit the array and return")
 
+    p = sub.add_parser("gpu-check", help="speed, memory and bf16 precision of every method on one GPU, within a time budget")
+    from benchmarks.gpu_check import add_arguments as gpu_check_arguments
+
+    gpu_check_arguments(p)
+
     p = sub.add_parser("sweep", help="benchmarks × methods × seeds, skipping finished runs")
     add_run_options(p)
     p.add_argument("--grid", help="YAML grid file: benchmarks, methods (names or {name, tag, set}), seeds, presets, set")
@@ -397,13 +448,28 @@ COMMANDS = {
     "reproduce": cmd_reproduce,
     "sweep": cmd_sweep,
     "parity": cmd_parity,
+    "gpu-check": cmd_gpu_check,
 }
 
 
+# pip names of the modules whose import name differs
+_PIP_NAMES = {"yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow"}
+
+
+def missing_package(e: ModuleNotFoundError) -> str:
+    """One sentence naming the package a command needs and this machine lacks."""
+    mod = (e.name or str(e)).split(".")[0]
+    return f"error: this command needs the Python package '{mod}', which is not installed (pip install {_PIP_NAMES.get(mod, mod)})."
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from benchmarks.distributed import env_rank
-    from benchmarks.protocol import NonFiniteLossError
-    from benchmarks.runner import RunInterrupted
+    try:
+        from benchmarks.distributed import env_rank
+        from benchmarks.protocol import NonFiniteLossError
+        from benchmarks.runner import RunInterrupted
+    except ModuleNotFoundError as e:  # e.g. a bare GPU machine without timm
+        print(missing_package(e), file=sys.stderr, flush=True)
+        return EXIT_USAGE
 
     args = build_parser().parse_args(argv)
     say = env_rank() == 0  # under torchrun every rank fails alike; rank 0 tells the user
@@ -426,6 +492,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         tell("interrupted")
         return 130
+    except ModuleNotFoundError as e:  # an optional package (fvcore for FLOP counts, submitit for slurm ...)
+        tell(missing_package(e))
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

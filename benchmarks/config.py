@@ -102,7 +102,9 @@ class RunConfig:
     preset: str = "quick"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    # fp32 (default: every reference code runs fp32) | bf16 (autocast; explicit opt-in, measured
+    # effect in docs/speed.md) | auto (bf16 on CUDA, fp32 on CPU; also an opt-in)
+    precision: str = "fp32"
     compile: bool = False
     query_cache: bool = True
     quiet: bool = False
@@ -231,9 +233,21 @@ def deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
 
 # --- presets -------------------------------------------------------------------------------
 
+_YAML_CACHE: Dict[Path, Tuple[Tuple[int, int], Dict[str, Any]]] = {}
+
+
 def load_yaml(path: Path) -> Dict[str, Any]:
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
+    """A preset file's mapping (a fresh copy). Parsed once per file version: resolving every
+    method × preset × benchmark reads the same few files hundreds of times."""
+    path = Path(path)
+    st = path.stat()
+    stamp = (st.st_mtime_ns, st.st_size)
+    hit = _YAML_CACHE.get(path)
+    if hit is None or hit[0] != stamp:
+        with open(path) as f:
+            hit = (stamp, yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {})
+        _YAML_CACHE[path] = hit
+    return copy.deepcopy(hit[1])
 
 
 def benchmark_presets() -> Dict[str, Any]:
@@ -277,18 +291,55 @@ def _num_tasks(merged: Dict[str, Any]) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else BenchmarkConfig.num_tasks
 
 
-def resolve_config(
+# Settings that decide what a run is: each must come from a preset file (or the command line),
+# never from a dataclass default (issue 21: `coda` on cub200 once ran 5 tasks and the `default`
+# test transform without saying so). Training keys only matter when the preset trains.
+REQUIRED_KEYS = ("backbone.name", "benchmark.num_tasks", "benchmark.class_order", "benchmark.normalize",
+                 "benchmark.train_transform", "benchmark.test_transform", "train.epochs", "train.batch_size",
+                 "precision")
+TRAINING_KEYS = ("train.drop_last", "train.optimizer", "train.lr", "train.schedule")
+OVERRIDE_SOURCE = "command line (--set / flags)"
+DEFAULT_SOURCE = "dataclass default"
+
+
+def flatten_keys(d: Dict[str, Any], prefix: str = "") -> List[str]:
+    """Dotted leaf keys of a nested mapping (lists are leaves)."""
+    out: List[str] = []
+    for k, v in (d or {}).items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out += flatten_keys(v, key) if isinstance(v, dict) else [key]
+    return out
+
+
+def _missing_explicit(cfg: "RunConfig", sources: Dict[str, str]) -> List[str]:
+    keys = list(REQUIRED_KEYS)
+    if cfg.train.epochs > 0:
+        keys += TRAINING_KEYS
+    if cfg.benchmark.train_transform == "rrc_flip":
+        keys.append("benchmark.rrc_scale_min")
+    return [k for k in keys if k not in sources]
+
+
+def resolve_with_sources(
     method: str,
     benchmark: str,
     preset: str = "quick",
     overrides: Optional[Dict[str, Any]] = None,
     method_config_cls: Optional[type] = None,
-) -> RunConfig:
-    """Build the :class:`RunConfig` for one (method, benchmark, preset) plus overrides."""
+    strict: bool = True,
+) -> Tuple["RunConfig", Dict[str, str]]:
+    """:func:`resolve_config` plus, per dotted key, where its value came from (a preset file
+    layer such as ``l2p.yaml:paper:*``, the command line, or absent: the dataclass default).
+
+    ``strict`` (the default): a setting of :data:`REQUIRED_KEYS` (and the training keys when the
+    preset trains) that no preset layer or override sets is a :class:`ConfigError`, so a preset
+    never falls back to a built-in default for a benchmark it has no entry for.
+    """
     if method_config_cls is None:
         from methods.registry import get_method_class
 
         method_config_cls = get_method_class(method).Config
+
     def merge(layers: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         for _, layer in layers:
@@ -297,7 +348,14 @@ def resolve_config(
 
     # first without the task-count layers, to learn T; then with the ``benchmark@T`` layers
     merged = merge(preset_layers(preset, benchmark, method))
-    merged = merge(preset_layers(preset, benchmark, method, _num_tasks(merged)))
+    layers = preset_layers(preset, benchmark, method, _num_tasks(merged))
+    merged = merge(layers)
+    sources: Dict[str, str] = {}
+    for name, layer in layers:
+        for key in flatten_keys(layer):
+            sources[key] = name
+    for key in flatten_keys(overrides or {}):
+        sources[key] = OVERRIDE_SOURCE
     cfg = RunConfig()
     cfg.preset = preset
     cfg.method_name = method
@@ -315,7 +373,34 @@ def resolve_config(
     validate = getattr(cfg.method, "validate", None)
     if callable(validate):
         validate()
-    return cfg
+    if strict:
+        missing = _missing_explicit(cfg, sources)
+        if missing:
+            named = any(name.split(":")[-1].split("@")[0] == benchmark for name, _ in layers)
+            where = f"benchmarks/presets/{method}.yaml or _benchmarks.yaml"
+            if not named:
+                raise ConfigError(
+                    f"preset '{preset}' has no entry for benchmark '{benchmark}' (method '{method}': no '{benchmark}' "
+                    f"key under '{preset}' in {where}), so {', '.join(missing)} would fall back to built-in defaults; "
+                    f"add that entry or pass the settings with --set")
+            raise ConfigError(
+                f"preset '{preset}' leaves {', '.join(missing)} unset for method '{method}' on '{benchmark}', "
+                f"which would fall back to built-in defaults; set them under '{preset}' in {where} or pass them with --set")
+    return cfg, sources
+
+
+def resolve_config(
+    method: str,
+    benchmark: str,
+    preset: str = "quick",
+    overrides: Optional[Dict[str, Any]] = None,
+    method_config_cls: Optional[type] = None,
+    strict: bool = True,
+) -> RunConfig:
+    """Build the :class:`RunConfig` for one (method, benchmark, preset) plus overrides
+    (:func:`resolve_with_sources`; ``strict=False`` only where a partial config is enough, e.g.
+    counting a method's parameters)."""
+    return resolve_with_sources(method, benchmark, preset, overrides, method_config_cls, strict)[0]
 
 
 def run_config_from_dict(d: Dict[str, Any]) -> RunConfig:

@@ -86,13 +86,13 @@ def resolve_method_config(method: str, benchmark: str, preset: str, overrides: D
     own = f"{method}.yaml:"
     has_own = any(name.startswith(own) for name, _ in preset_layers(preset, benchmark, method))
     if has_own or preset == "quick":
-        return resolve_config(method, benchmark, preset, overrides), preset
+        return resolve_config(method, benchmark, preset, overrides, strict=False), preset  # cost needs the architecture only
     borrowed: Dict[str, Any] = {}
     for name, layer in preset_layers("quick", benchmark, method):
         if name.startswith(own) and layer.get("method"):
             borrowed = deep_merge(borrowed, {"method": layer["method"]})
     label = f"quick method config (no {preset} preset)" if borrowed else f"method defaults (no {preset} preset)"
-    return resolve_config(method, benchmark, preset, deep_merge(borrowed, overrides)), label
+    return resolve_config(method, benchmark, preset, deep_merge(borrowed, overrides), strict=False), label
 
 
 def benchmark_classes(cfg: RunConfig) -> int:

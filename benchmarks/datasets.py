@@ -642,9 +642,13 @@ def build_transform(cfg: BenchmarkConfig, image_size: int, native_size: int, tra
 
     Test transforms (``benchmark.test_transform``):
 
-    * ``resize``: Resize((S, S)) (CODA-Prompt's CIFAR test transform);
-    * ``resize_crop``: Resize(int(S*256/224)) + CenterCrop(S), bilinear (CODA ImageNet-R);
-    * ``resize_crop_bicubic``: the same with bicubic resizing (JH-LEE ports and HiDe, all sets).
+    * ``resize``: Resize((S, S)), bilinear (CODA-Prompt / SMoPE / VQ-Prompt CIFAR: the ``coda``
+      presets and coda_prompt / smope / vq_prompt ``paper``);
+    * ``resize_crop``: Resize(int(S*256/224)) + CenterCrop(S), bilinear (CODA-Prompt ImageNet-R,
+      SMoPE / VQ-Prompt ImageNet-R and CUB-200: the same presets);
+    * ``resize_crop_bicubic``: the same with bicubic resizing (l2p-pytorch, dualprompt-pytorch and
+      HiDe-Prompt ``Resize(256, interpolation=3)``, every set: the l2p, dualprompt and hide_prompt
+      ``paper`` presets; HiDe's class statistics use it too).
 
     Resizing runs on uint8 tensors with antialiasing, which approximates (is not bit-equal to)
     the PIL resizing of the reference codes.

@@ -23,7 +23,8 @@ Decisions that every method shares live here, once:
 * data parallelism (``RunContext.dist``, see ``benchmarks/distributed.py``): each rank trains on
   its slice of the same global batches with gradients summed over ranks, and evaluates a shard
   of each test set;
-* bf16 autocast on CUDA (``precision``), fp32 on CPU.
+* precision: fp32 by default, as every reference; bf16 autocast only on request
+  (``precision: bf16``, or ``auto`` = bf16 on CUDA), see docs/speed.md for its measured effect.
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype, or None for fp32."""
+    """Autocast dtype, or None for fp32 (the default; bf16 and auto are explicit opt-ins)."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if precision == "fp32":
@@ -256,6 +257,11 @@ class QueryCache:
         self.hits = 0
         self.misses = 0
 
+    def complete(self, key: Tuple[str, int], size: int) -> bool:
+        """True when every one of the ``size`` samples of ``key`` has its query stored."""
+        filled = self.filled.get(key)
+        return self.enabled and filled is not None and len(filled) == size and bool(filled.all())
+
     def get(self, key: Tuple[str, int], size: int, idx: Tensor, x: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
         if not self.enabled:
             self.misses += len(idx)
@@ -272,6 +278,20 @@ class QueryCache:
         self.filled[key][idx] = True
         self.misses += len(idx)
         return q
+
+
+class LabelsOnly(Dataset):
+    """``(empty tensor, label, index)`` of a TaskDataset: a phase that needs only the cached query
+    features (``Phase.needs_images`` False) iterates it instead of loading and transforming images."""
+
+    def __init__(self, dataset: TaskDataset) -> None:
+        self.labels = dataset.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return torch.zeros(0), int(self.labels[i]), i
 
 
 # --- the run context -----------------------------------------------------------------------
@@ -426,7 +446,12 @@ def train_phase(method: ContinualMethod, run: RunContext, task: Task, phase: Pha
     for epoch in range(start_epoch, tcfg.epochs):
         seed = derive_seed(cfg.seed, task.index, phase_idx, epoch)
         seed_everything(seed)
-        loader = make_loader(dataset, bs, True, seed, tcfg, drop_last=drop, device=run.device, shard=shard)
+        # A features-only phase (Phase.needs_images False, e.g. HiDe's TII network) whose training
+        # queries are all cached reads no image: same sampler and seed, so the same batches.
+        features_only = (not phase.needs_images and use_query and cacheable
+                         and run.cache.complete(("train", task.index), len(dataset)))
+        source: Dataset = LabelsOnly(dataset) if features_only else dataset
+        loader = make_loader(source, bs, True, seed, tcfg, drop_last=drop, device=run.device, shard=shard)
         batches = iter(loader)
         first = start_batch if epoch == start_epoch else 0
         if first:

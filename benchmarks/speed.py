@@ -3,8 +3,8 @@ the perf suite (a training step exactly as the protocol runs it, an inference ba
 
 What makes a run fast, and where it lives (docs/speed.md has the measurements):
 
-* bf16 autocast on CUDA by default (``precision: auto``; ``benchmarks/protocol.py``
-  ``resolve_precision``), fp32 on CPU or with ``--precision fp32``; ``env.precision`` records it;
+* fp32 by default, as the reference codes; bf16 autocast on request (``--precision bf16``, or
+  ``auto`` = bf16 on CUDA; ``benchmarks/protocol.py`` ``resolve_precision``); ``env.precision`` records it;
 * frozen backbone weights have ``requires_grad=False`` (``methods/vit.py``), so backward computes
   only input gradients through them, never weight gradients;
 * fused attention (``F.scaled_dot_product_attention``) in every pass, prefixes included;
@@ -30,7 +30,7 @@ from methods.base import ContinualMethod, Phase, Task
 COMPILED_ATTR = "_promptcl_compiled"
 
 
-def compile_backbone(backbone: Any, dynamic: bool = False, mode: Optional[str] = None) -> Any:
+def compile_backbone(backbone: Any, dynamic: bool = False, mode: Optional[str] = None, backend: str = "inductor") -> Any:
     """Compile the two passes of a :class:`~methods.vit.PromptedViT` in place and return it.
 
     Compiled: ``backbone.forward_features`` (the prompted pass, which every method reaches through
@@ -40,14 +40,15 @@ def compile_backbone(backbone: Any, dynamic: bool = False, mode: Optional[str] =
     untouched and the prefix injection is traced as ordinary Python: a prefix dict or a
     :class:`~methods.vit.PrefixProvider` (SMoPE's routing) becomes part of the graph, guarded on
     the prefix layers and tensor shapes. ``dynamic=False`` specialises on shapes, so each distinct
-    batch size (training, last partial batch, evaluation) compiles once. Idempotent.
+    batch size (training, last partial batch, evaluation) compiles once. Idempotent. ``backend``:
+    torch.compile's (``eager`` traces without generating code; the gpu-check's CPU test uses it).
     """
     if getattr(backbone, COMPILED_ATTR, False):
         return backbone
     if not hasattr(torch, "compile"):
         raise ConfigError(f"--compile needs torch.compile (PyTorch >= 2.0); this is torch {torch.__version__}")
-    backbone.forward_features = torch.compile(backbone.forward_features, dynamic=dynamic, mode=mode)
-    backbone.vit.forward_features = torch.compile(backbone.vit.forward_features, dynamic=dynamic, mode=mode)
+    backbone.forward_features = torch.compile(backbone.forward_features, dynamic=dynamic, mode=mode, backend=backend)
+    backbone.vit.forward_features = torch.compile(backbone.vit.forward_features, dynamic=dynamic, mode=mode, backend=backend)
     setattr(backbone, COMPILED_ATTR, True)
     return backbone
 

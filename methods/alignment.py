@@ -10,6 +10,9 @@ Storage forms (``ClassStats.mode``):
   its mean and per-dimension variance. HiDe's default (10 centroids); SMoPE uses 1 centroid
   (``KMeans(random_state=seed)`` with one cluster is the class mean).
 * ``covariance``: one mean and a full covariance per class (the HiDe paper's text).
+* ``variance``: one mean and the per-dimension *sample* variance (ddof 1) per class, a diagonal
+  Gaussian: HiDe-Prompt's ``--ca_storage_efficient_method variance`` (``_compute_mean`` stores
+  ``diag(torch.cov(X.T) + 1e-4·I)``; nothing is skipped when sampling).
 
 Sampling draws from N(μ, Σ + ε·I) with ε = 1e-4 (both reference codes): for the diagonal form
 μ + z·sqrt(σ² + ε) is the same distribution as the reference's MultivariateNormal with a diagonal
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 VAR_EPS = 1e-4
+STATS_MODES = ("multi-centroid", "covariance", "variance")
 
 
 class ClassStats(nn.Module):
@@ -40,8 +44,8 @@ class ClassStats(nn.Module):
     def __init__(self, mode: str = "multi-centroid", n_centroids: int = 10, seed: int = 0,
                  unbiased: bool = True, skip_zero_variance: bool = False) -> None:
         super().__init__()
-        if mode not in ("multi-centroid", "covariance"):
-            raise ValueError(f"unknown statistics mode '{mode}'; use multi-centroid or covariance")
+        if mode not in STATS_MODES:
+            raise ValueError(f"unknown statistics mode '{mode}'; use {', '.join(STATS_MODES)}")
         self.mode = mode
         self.n_centroids = n_centroids
         self.seed = seed
@@ -62,6 +66,10 @@ class ClassStats(nn.Module):
             mu = x.mean(0, keepdim=True)
             cov = torch.cov(x.T) if len(x) > 1 else torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype)
             self.means[label], self.spreads[label] = mu, cov
+            return
+        if self.mode == "variance":  # torch.cov's default correction=1: the sample variance
+            var = x.var(0, unbiased=True) if len(x) > 1 else torch.zeros(x.shape[1], dtype=x.dtype)
+            self.means[label], self.spreads[label] = x.mean(0, keepdim=True), var[None]
             return
         k = min(self.n_centroids, len(x))
         if k == 1:
@@ -101,7 +109,7 @@ class ClassStats(nn.Module):
             z = torch.randn(n, d, generator=generator, dtype=mu.dtype)
             return (mu + z @ chol.T).float()
         var = self.spreads[label]
-        if self.skip_zero_variance:
+        if self.skip_zero_variance and self.mode == "multi-centroid":
             keep = var.mean(1) != 0
             mu, var = mu[keep], var[keep]
         std = (var + VAR_EPS).sqrt()  # (K, D)

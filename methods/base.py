@@ -82,7 +82,9 @@ class Phase:
     ``train`` holds overrides of the run's ``TrainConfig`` for this phase (``epochs``, ``lr``,
     ``optimizer``, ``schedule`` ...). ``forward_kwargs`` are passed to ``forward`` during the
     phase. ``param_groups`` defaults to ``method.param_groups()``. ``needs_images`` False means
-    the phase uses only query features (e.g. HiDe's TII network), so the protocol can reuse them.
+    the phase uses only query features (e.g. HiDe's TII network): once the query cache holds every
+    training query of the task (deterministic train transform), the protocol's later epochs iterate
+    labels and cached queries and load no image (``benchmarks/protocol.py`` ``LabelsOnly``).
     ``needs_query`` False skips the query pass in a phase that does not use it (None: the
     method's ``uses_query``).
     """

@@ -49,15 +49,15 @@ from torch import Tensor, nn
 from benchmarks.config import ConfigError
 from methods.base import ContinualMethod, MethodOutput, Task
 from methods.l2p import INIT_RANGES, check_pool_options, fp32_similarity, pull_loss
-from methods.prompts import select_topk
+from methods.prompts import HEAD_INITS, init_head, select_topk
 from methods.registry import register_method
 from methods.vit import Prefix, PromptedViT, prefix_from_kv, to_heads
 
 VARIANT_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "dualprompt": dict(g_length=5, e_length=5, separate_keys=False, shared_prompt_pool=True, init="port",
-                       pull_loss="l2p"),
+                       pull_loss="l2p", head_init="timm"),
     "coda": dict(g_length=6, e_length=20, separate_keys=True, shared_prompt_pool=False, init="coda",
-                 pull_loss="coda_per_sample"),
+                 pull_loss="coda_per_sample", head_init="torch"),
 }
 
 
@@ -84,6 +84,7 @@ class DualPrompt(ContinualMethod):
         batchwise_prompt: bool = False  # batch-wise majority vote (dualprompt-pytorch CIFAR: True); explicit option
         init: Optional[str] = None  # port U(-1,1) | jax U[0,0.01) | coda U[0,1) | zero
         reshape_quirk: bool = False  # reproduce dualprompt-pytorch's E-prompt reshape (see module doc)
+        head_init: Optional[str] = None  # timm (port: trunc_normal .02, zero bias) | torch (CODA: nn.Linear) | zeros (JAX)
 
         def validate(self) -> None:
             """Fill the variant-dependent defaults and check every setting (ConfigError)."""
@@ -105,6 +106,8 @@ class DualPrompt(ContinualMethod):
             if self.variant == "coda" and (self.e_length < 2 or self.g_length == 1):
                 raise ConfigError("variant coda splits a prompt into key and value halves; use lengths of at least 2")
             check_pool_options(self)
+            if self.head_init not in HEAD_INITS:
+                raise ConfigError(f"unknown method.head_init '{self.head_init}'; choose {', '.join(HEAD_INITS)}")
             if self.reshape_quirk and (self.variant != "dualprompt" or self.separate_keys):
                 raise ConfigError("method.reshape_quirk reproduces dualprompt-pytorch and needs variant dualprompt with one key set")
 
@@ -129,7 +132,7 @@ class DualPrompt(ContinualMethod):
         self.g_prompt = (
             nn.Parameter(torch.empty(n_g, g_rows, d).uniform_(low, high)) if n_g and cfg.g_length else None
         )
-        self.head = nn.Linear(d, num_classes)
+        self.head = init_head(nn.Linear(d, num_classes), cfg.head_init)
 
     # -- life cycle ---------------------------------------------------------------------
     def begin_task(self, task: Task) -> None:

@@ -171,7 +171,7 @@ class HiDePrompt(ContinualMethod):
         reshape_quirk: bool = False  # reproduce EPrompt's key/value reshape (module doc)
         device_batch: Optional[int] = None  # per-device batch of the reference launch (module doc)
         # class statistics (both sets)
-        stats_mode: str = "multi-centroid"  # multi-centroid (code) | covariance (paper)
+        stats_mode: str = "multi-centroid"  # multi-centroid (code default) | covariance (paper) | variance (code option)
         n_centroids: int = 10
         stats_unbiased: bool = False  # False: np.var's population variance, as the reference
         skip_zero_variance: bool = True  # skip singleton centroids when sampling, as the reference
@@ -199,8 +199,8 @@ class HiDePrompt(ContinualMethod):
                 raise ConfigError(f"method.prompt_layers must be distinct block indices, got {self.prompt_layers}")
             if self.prompt_init not in ("uniform", "zero"):
                 raise ConfigError(f"unknown method.prompt_init '{self.prompt_init}'; use uniform or zero")
-            if self.stats_mode not in ("multi-centroid", "covariance"):
-                raise ConfigError(f"unknown method.stats_mode '{self.stats_mode}'; use multi-centroid or covariance")
+            if self.stats_mode not in ("multi-centroid", "covariance", "variance"):
+                raise ConfigError(f"unknown method.stats_mode '{self.stats_mode}'; use multi-centroid, covariance or variance")
             if not 0.0 <= self.prompt_momentum <= 1.0:
                 raise ConfigError(f"method.prompt_momentum must lie in [0, 1], got {self.prompt_momentum}")
             if self.reg < 0 or self.cr_temperature <= 0:

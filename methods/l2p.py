@@ -51,17 +51,18 @@ from torch import Tensor, nn
 
 from benchmarks.config import ConfigError
 from methods.base import ContinualMethod, MethodOutput, Task
-from methods.prompts import cosine_similarity_matrix, select_topk
+from methods.prompts import HEAD_INITS, cosine_similarity_matrix, init_head, select_topk
 from methods.registry import register_method
 from methods.vit import PromptedViT, prefix_from_kv
 
 # Per-variant defaults of the settings left None in the config (sources in the module docstring).
 VARIANT_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "l2p": dict(pool_size=10, length=5, pull_coeff=0.1, pull_loss="l2p", init="port", head="prompt", prefix_layers=[]),
+    "l2p": dict(pool_size=10, length=5, pull_coeff=0.1, pull_loss="l2p", init="port", head="prompt", prefix_layers=[],
+                head_init="timm"),
     "l2p++": dict(pool_size=30, length=20, pull_coeff=1.0, pull_loss="coda_pairs", init="coda", head="token",
-                  prefix_layers=[0]),
+                  prefix_layers=[0], head_init="torch"),
     "deep_l2p++": dict(pool_size=30, length=20, pull_coeff=1.0, pull_loss="coda_pairs", init="coda", head="token",
-                       prefix_layers=[0, 1, 2, 3, 4]),
+                       prefix_layers=[0, 1, 2, 3, 4], head_init="torch"),
 }
 
 # Uniform initialisation ranges of prompts and keys.
@@ -129,7 +130,7 @@ class L2P(ContinualMethod):
         pull_chunks: int = 1  # coda_pairs: sum within this many batch chunks (CODA: 4 GPUs)
         init: Optional[str] = None  # port U(-1,1) | jax U[0,0.01) | coda U[0,1) | zero
         head: Optional[str] = None  # prompt (mean of prompt-token outputs) | token ([CLS]) | token+prompt
-        head_init: str = "default"  # default (nn.Linear) | zeros (JAX)
+        head_init: Optional[str] = None  # timm (ports: trunc_normal .02, zero bias) | torch (CODA: nn.Linear) | zeros (JAX)
         prompt_pos_embed: str = "cls"  # l2p: cls (port, [CLS] positional embedding) | none (JAX)
         prefix_layers: Optional[List[int]] = None  # ++: blocks with a pool ([0]; deep [0..4])
         batchwise_prompt: bool = False  # batch-wise majority vote (l2p-pytorch CIFAR: True); explicit option
@@ -151,8 +152,8 @@ class L2P(ContinualMethod):
             heads = ("prompt", "token", "token+prompt") if prompt_tuning else ("token",)
             if self.head not in heads:
                 raise ConfigError(f"method.head '{self.head}' is not available for variant {self.variant}; choose {' or '.join(heads)}")
-            if self.head_init not in ("default", "zeros"):
-                raise ConfigError(f"unknown method.head_init '{self.head_init}'; choose default or zeros")
+            if self.head_init not in HEAD_INITS:
+                raise ConfigError(f"unknown method.head_init '{self.head_init}'; choose {', '.join(HEAD_INITS)}")
             if self.prompt_pos_embed not in ("cls", "none"):
                 raise ConfigError(f"unknown method.prompt_pos_embed '{self.prompt_pos_embed}'; choose cls or none")
             if prompt_tuning and self.prefix_layers:
@@ -181,10 +182,7 @@ class L2P(ContinualMethod):
         self.keys = nn.ParameterList(
             [nn.Parameter(torch.empty(cfg.pool_size, d).uniform_(low, high)) for _ in range(n_pools)]
         )
-        self.head = nn.Linear(d, num_classes)
-        if cfg.head_init == "zeros":
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = init_head(nn.Linear(d, num_classes), cfg.head_init)
 
     # -- life cycle ---------------------------------------------------------------------
     def begin_task(self, task: Task) -> None:

@@ -11,7 +11,9 @@ Architecture (``models/zoo.py`` ``OnePrompt``, ``models/vit.py`` ``Attention``):
 * sparse mode: per sample and head the top-K of ``s̄_j − ε_j``; the prompt logits are recomputed
   from the *raw* scores, ``s̄_j/√d_h``, broadcast over the N query rows, and one softmax runs over
   [prompt logits; qkᵀ/√d_h]; the output is attn @ [selected values; v]. Dense mode (first-task
-  warm-up, or ``topk ≤ 0``): every expert. A single forward pass, no query pass.
+  warm-up, or ``topk ≤ 0``): every expert. A single forward pass, no query pass. The dense
+  ablation (``topk ≤ 0``) keeps the task-0 dense warm-up and has no router, prototype loss or
+  usage counting, as the reference (its loss loops run over ``range(topk)``).
 
 This is written with :class:`methods.vit.PrefixProvider`: zero prefix keys plus a logit bias
 ``s̄_j/√d_h`` of shape (B, H, 1, K) give exactly the broadcast prompt logits (q·0 = 0).
@@ -251,7 +253,9 @@ class SMoPE(ContinualMethod):
 
     def phases(self, task: Task) -> List[Phase]:
         main = Phase("train")
-        if task.index == 0 and self.cfg.dense_warmup and self.cfg.warmup_epochs > 0 and self.cfg.topk > 0:
+        # the reference runs the dense warm-up in task 0 whatever K is (learn_batch), so the dense
+        # ablation (topk <= 0) has it too: both phases are then dense
+        if task.index == 0 and self.cfg.dense_warmup and self.cfg.warmup_epochs > 0:
             return [Phase("dense_warmup", train={"epochs": self.cfg.warmup_epochs}, forward_kwargs={"dense": True}), main]
         return [main]
 
@@ -294,8 +298,11 @@ class SMoPE(ContinualMethod):
             l_router = sum(router_loss(router.scores[l], router.selected[l], cfg.eps) for l in self.layers)
             total = cfg.alpha_router * l_router
         task = self.current_task
-        if cfg.proto_loss and cfg.alpha_proto > 0 and task is not None and task.index > 0:
-            k = min(max(cfg.topk, 1), cfg.num_experts)
+        # the reference sums K terms (``for i in range(self.topk)``): none when K = 0, the dense
+        # ablation, so no prototype loss there (for K < 0 its torch.topk would raise; the suite
+        # treats every K <= 0 as the dense ablation)
+        if cfg.proto_loss and cfg.alpha_proto > 0 and cfg.topk > 0 and task is not None and task.index > 0:
+            k = min(cfg.topk, cfg.num_experts)
             lp = sum(proto_loss(self.old_keys[i], self.keys[i], self.frequent[i], k) for i in range(len(self.layers)))
             total = cfg.alpha_proto * lp if total is None else total + cfg.alpha_proto * lp
         return total

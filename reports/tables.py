@@ -149,7 +149,9 @@ def main_table(rs: RunSet, metrics: Sequence[str] = DEFAULT_METRICS, cost_csv: O
         rec: Dict[str, Any] = {"benchmark": bench, "method": method, "method_name": first["method_name"],
                                "is_baseline": bool(first["is_baseline"]), "is_upper_bound": bool(first["is_upper_bound"]),
                                "n_seeds": len(g), "seeds": " ".join(str(s) for s in sorted(g.seed)),
-                               "backbone": first["backbone"]}
+                               "backbone": first["backbone"],
+                               # fp32 is the default and every reference's precision; bf16 is an opt-in
+                               "precision": "/".join(sorted({str(v) for v in g["precision"] if isinstance(v, str)})) or "—"}
         for m in metrics:
             mean, std, n = S.mean_std(g[m])
             rec[f"{m}_mean"], rec[f"{m}_std"], rec[f"{m}_n"] = mean, std, n
@@ -166,11 +168,12 @@ def main_table(rs: RunSet, metrics: Sequence[str] = DEFAULT_METRICS, cost_csv: O
             sub = data.loc[idx]
             flags = _mark_best(sub[col].tolist(), direction, (~sub["is_upper_bound"]).tolist(), dig)
             data.loc[idx, col.replace("_mean", "") + "_best"] = flags
-    columns = (["benchmark", "method", "n"] + [f"{METRICS[m][0]} {ARROW[METRICS[m][1]]}" for m in metrics]
+    columns = (["benchmark", "method", "n", "precision"] + [f"{METRICS[m][0]} {ARROW[METRICS[m][1]]}" for m in metrics]
                + [f"{COST_COLUMNS[k][0]} {ARROW[COST_COLUMNS[k][1]]}" for k in cost_cols])
     rows: List[List[Cell]] = []
     for _, r in data.iterrows():
-        row = [Cell(r["benchmark"]), Cell(method_display(r["method"], r["is_baseline"], r["is_upper_bound"])), Cell(str(r["n_seeds"]))]
+        row = [Cell(r["benchmark"]), Cell(method_display(r["method"], r["is_baseline"], r["is_upper_bound"])), Cell(str(r["n_seeds"])),
+               Cell(r["precision"])]
         row += [Cell(S.fmt_mean_std(r[f"{m}_mean"], r[f"{m}_std"], digits), bool(r[f"{m}_best"])) for m in metrics]
         row += [Cell(_fmt_cost(k, r[k]), bool(r[f"{k}_best"])) for k in cost_cols]
         rows.append(row)
@@ -178,7 +181,9 @@ def main_table(rs: RunSet, metrics: Sequence[str] = DEFAULT_METRICS, cost_csv: O
     notes = [f"mean ± sample std (ddof={S.STD_DDOF}) over the n seeds; best per benchmark in bold "
              "(↑ higher is better, ↓ lower is better; upper bounds are not ranked).",
              "FAA: final average accuracy; CAA: mean over steps of the average accuracy on seen tasks; FFM: max-based "
-             "final forgetting (max includes the final step); formulas in benchmarks/metrics.py."]
+             "final forgetting (max includes the final step); formulas in benchmarks/metrics.py.",
+             "precision: what the runs ran in (env.precision of result.json): fp32 (default, as every reference code) or "
+             "bf16 autocast (opt-in, --precision bf16; its measured effect is in docs/speed.md)."]
     if "cost.csv" in sources:
         notes.append("cost columns marked from cost.csv come from 'bench.py cost' for the same method and backbone "
                      "architecture, not from the runs themselves.")

@@ -106,3 +106,30 @@ def test_alignment_schedules():
     assert lr_at(sm, 1, 0, 1000) == pytest.approx(1e-5)
     assert lr_at(sm, 2, 0, 1000) == pytest.approx(1e-6 + (1e-5 - 1e-6) * 0.5 * (1 + math.cos(math.pi / 1000)))
     assert lr_at(sm, 1001, 49, 1000) == pytest.approx(1e-6)
+
+
+def test_variance_mode_is_hides_diagonal_sample_variance():
+    """HiDe-Prompt _compute_mean, ca_storage_efficient_method 'variance': mean and
+    diag(torch.cov(X.T) + 1e-4·I) -- torch.cov uses ddof 1 -- sampled from a diagonal Gaussian.
+    X = [[0, 1], [2, 1], [4, 4]]: mean (2, 2); sample variances (4+0+4)/2 = 4 and (1+1+4)/2 = 3;
+    the covariance of the two dimensions, ((-2)(-1) + 0 + 2·2)/2 = 3, is dropped."""
+    from methods.alignment import ClassStats
+
+    x = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]])
+    st = ClassStats("variance")
+    st.add(7, x)
+    assert st.means[7].tolist() == [[2.0, 2.0]]
+    assert st.spreads[7].tolist() == [[4.0, 3.0]]
+    draws = st.sample(7, 200_000, torch.Generator().manual_seed(0)).double()
+    assert draws.shape == (200_000, 2)
+    assert draws.mean(0).tolist() == pytest.approx([2.0, 2.0], abs=0.02)
+    assert draws.var(0).tolist() == pytest.approx([4.0001, 3.0001], rel=0.02)
+    assert float(torch.corrcoef(draws.T)[0, 1]) == pytest.approx(0.0, abs=0.01)
+    full = ClassStats("covariance")
+    full.add(7, x)
+    d2 = full.sample(7, 200_000, torch.Generator().manual_seed(0)).double()
+    assert float(torch.cov(d2.T)[0, 1]) == pytest.approx(3.0, rel=0.03)  # the covariance form keeps it
+    from benchmarks.config import resolve_config
+
+    cfg = resolve_config("hide_prompt", "cifar100", "paper", {"method": {"stats_mode": "variance"}})
+    assert cfg.method.stats_mode == "variance"

@@ -74,10 +74,11 @@ def test_task_count_preset_layers_apply_on_top_of_the_benchmark(tmp_path, monkey
     (tmp_path / "ncm.yaml").write_text(
         "presets:\n  quick:\n    synthetic@10: {train: {lr: 0.5}}\n    synthetic@5: {train: {lr: 0.9}}\n")
     monkeypatch.setattr(C, "PRESET_DIR", tmp_path)
-    ten = C.resolve_config("ncm", "synthetic", "quick")
+    # these hand-made files set only what the layering needs: strict=False lets the rest default
+    ten = C.resolve_config("ncm", "synthetic", "quick", strict=False)
     assert (ten.benchmark.num_tasks, ten.train.epochs, ten.train.lr) == (10, 2, 0.5)
-    five = C.resolve_config("ncm", "synthetic", "quick", {"benchmark": {"num_tasks": 5}})
+    five = C.resolve_config("ncm", "synthetic", "quick", {"benchmark": {"num_tasks": 5}}, strict=False)
     assert (five.benchmark.num_tasks, five.train.epochs, five.train.lr) == (5, 7, 0.9)
     # an explicit --set still wins over the task-count layer
-    over = C.resolve_config("ncm", "synthetic", "quick", {"benchmark": {"num_tasks": 5}, "train": {"lr": 0.01}})
+    over = C.resolve_config("ncm", "synthetic", "quick", {"benchmark": {"num_tasks": 5}, "train": {"lr": 0.01}}, strict=False)
     assert over.train.lr == 0.01

@@ -279,7 +279,7 @@ def test_config_errors_are_config_errors(micro_backbone):
     with pytest.raises(ConfigError):
         HiDePrompt(micro_backbone, C, HiDePrompt.Config(prompt_layers=[0, 9]))
     with pytest.raises(ConfigError):
-        HiDePrompt.Config(stats_mode="variance").validate()
+        HiDePrompt.Config(stats_mode="diagonal").validate()  # variance is the code's third option
     m = HiDePrompt(micro_backbone, C, HiDePrompt.Config(pool_size=2))
     with pytest.raises(ConfigError):
         m.begin_task(task(0))  # 3 tasks, 2 prompts

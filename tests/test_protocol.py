@@ -68,6 +68,24 @@ def test_coda_cosine_schedule_matches_the_reference_loop():
     assert schedule_factor(TrainConfig(schedule="coda_cosine", epochs=1), 3, 10, 1e-3) == 1.0
 
 
+def test_coda_cosine_schedule_equals_a_stand_in_of_the_reference_scheduler():
+    """The reference's scheduler semantics, written out: constructor sets lr(last_epoch=0) and
+    resets last_epoch to -1; the learner calls step() (last_epoch += 1) before epochs 1..K-1."""
+    k = 7
+    last_epoch = 0
+    lrs = []
+    for epoch in range(k):
+        if epoch == 0:
+            lr = math.cos(99 * math.pi * 0 / (200 * (k - 1)))  # set in the constructor
+            last_epoch = -1
+        else:
+            last_epoch += 1
+            lr = math.cos(99 * math.pi * last_epoch / (200 * (k - 1)))
+        lrs.append(lr)
+    t = TrainConfig(schedule="coda_cosine", epochs=k)
+    assert [schedule_factor(t, e * 3, 3, 1.0) for e in range(k)] == pytest.approx(lrs, rel=1e-12)
+
+
 def test_coswm_schedule_freeze_then_cosine_with_assumed_iter_step():
     base = 0.005
     t = TrainConfig(schedule="coswm", epochs=20, freeze_iters=80, iter_step=40, min_lr=1e-6)
@@ -165,3 +183,38 @@ def test_non_finite_loss_stops_with_a_clear_error():
         p.method.head.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match="loss became nan in task 1"):
         train_phase(p.method, run, task, Phase("train"), 0)
+
+
+def test_features_only_phase_reads_no_image_once_the_queries_are_cached(monkeypatch):
+    """HiDe's TII phase (Phase.needs_images False) with a deterministic train transform: epoch 0
+    loads every training image once (filling the query cache); epochs 1 and 2 load none. The
+    trained TII network equals the one trained from images (same sampler seed, same batches)."""
+    from dataclasses import replace as dc_replace
+
+    from benchmarks.scenarios import TaskDataset
+
+    loads = {"n": 0}
+    orig = TaskDataset.__getitem__
+
+    def counting(self, i):
+        loads["n"] += 1
+        return orig(self, i)
+
+    monkeypatch.setattr(TaskDataset, "__getitem__", counting)
+    over = {"benchmark": {"train_transform": "none"},
+            "method": {"tii_epochs": 3, "prompt_length": 2, "n_centroids": 1}}
+    params = []
+    for needs_images in (False, True):
+        cfg = make_tiny_config("hide_prompt", over)
+        p = prepare(cfg)
+        run = RunContext(cfg, p.scenario, torch.device("cpu"), None, QueryCache(True), train_deterministic=True)
+        task = p.scenario.tasks[0]
+        p.method.begin_task(task)
+        tii = dc_replace(p.method.phases(task)[0], needs_images=needs_images)
+        assert tii.name == "tii" and tii.train["epochs"] == 3
+        loads["n"] = 0
+        train_phase(p.method, run, task, tii, 0)
+        n = len(p.scenario.train_sets[0])
+        assert loads["n"] == (n if not needs_images else 3 * n)
+        params.append([t.detach().clone() for t in p.method.tii_parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*params))

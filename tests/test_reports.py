@@ -180,6 +180,14 @@ def test_main_table_mean_std_n_match_the_result_files(world):
     assert md[_display("ncm")]["n"] == "2"
 
 
+def test_main_table_shows_the_precision_each_run_recorded(world):
+    md = md_rows((world["out"] / "tables" / "main.md").read_text())
+    for method, results in world["results"].items():
+        recorded = {r["env"]["precision"] for r in results}
+        assert recorded == {"fp32"}  # the default: no run of the fixture asked for bf16
+        assert md[_display(method)]["precision"] == "fp32"
+
+
 def _display(method):
     return {"ncm": "ncm (baseline)", "linear_probe": "linear_probe (baseline)", "joint": "joint (upper bound)"}.get(method, method)
 

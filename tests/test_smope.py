@@ -312,3 +312,30 @@ def test_tiny_end_to_end_run(tiny_run):
     assert [a["task"] for a in diag["method"]["alignment"]] == [1, 2]
     assert res["cost"]["added_params"] == 6 * 25 * 4 * 2 * 16 + 64 * 6 + 6
     assert res["cost"]["query_pass"] is False
+
+
+def test_dense_ablation_topk_0_matches_the_reference(micro_backbone):
+    """Reference with K = prompt_param[1] = 0 (models/zoo.py, learners/prompt.py @ 27b982c):
+    learn_batch still runs the dense warm-up in task 0 (no K test there); router_loss's first
+    block needs topk > 0; its prototype block sums ``for i in range(self.topk)`` -> no term;
+    update_prompt counts nothing. So in task 1 the only loss is the CE: aux_loss is None."""
+    m = make(micro_backbone, topk=0, alpha_router=1.0, alpha_proto=1.0)
+    phases = m.phases(task(0))
+    assert [p.name for p in phases] == ["dense_warmup", "train"] and phases[0].train == {"epochs": 10}
+    m.usage.fill_(3)
+    m.begin_task(task(1))
+    assert bool(m.frequent.all())
+    with torch.no_grad():
+        m.keys.add_(0.3 * torch.randn_like(m.keys))  # would give a non-zero prototype loss for K >= 1
+    m.train()
+    out = m(torch.randn(2, 3, 32, 32))
+    assert out.aux_loss is None
+    sel = out.diagnostics["selection"]
+    assert torch.equal(sel, torch.arange(25).expand_as(sel))  # dense in the main phase too
+    # the same model with K = 1 does have the prototype term
+    m1 = make(micro_backbone, topk=1, alpha_router=0.0, alpha_proto=1.0)
+    m1.usage.fill_(3)
+    m1.begin_task(task(1))
+    with torch.no_grad():
+        m1.keys.add_(0.3 * torch.randn_like(m1.keys))
+    assert m1.train()(torch.randn(2, 3, 32, 32)).aux_loss.item() > 0

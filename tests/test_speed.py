@@ -83,8 +83,8 @@ def test_query_cache_gives_the_same_accuracy_matrix_end_to_end(tmp_path, capsys)
     uncached = _run_cli(tmp_path / "b", capsys, "--no-query-cache")
     assert cached["acc_matrix"] == uncached["acc_matrix"]
     assert cached["config"]["query_cache"] is True and uncached["config"]["query_cache"] is False
-    for r in (cached, uncached):  # defaults on CPU: fp32 (precision auto), no torch.compile
-        assert r["config"]["precision"] == "auto" and r["env"]["precision"] == "fp32"
+    for r in (cached, uncached):  # defaults: fp32 (the presets' precision), no torch.compile
+        assert r["config"]["precision"] == "fp32" and r["env"]["precision"] == "fp32"
         assert r["config"]["compile"] is False
     n = [6 * 2] * 3  # test images per task: 6 per class, 2 classes per task (TINY_SET)
     hits = sum(sum(n[:t]) for t in range(3))
