@@ -243,6 +243,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return sweep.cli(args)
 
 
+def cmd_parity(args: argparse.Namespace) -> int:
+    """Numbers of a method against its authors' code (benchmarks/parity.py, docs/parity.md)."""
+    from benchmarks import parity
+
+    return parity.run(args)
+
+
 def cmd_gpu_check(args: argparse.Namespace) -> int:
     """Speed, memory and precision of every method on one device in minutes (docs/speed.md)."""
     from benchmarks import gpu_check
@@ -458,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slurm launcher through submitit's SLURM, local-process or in-process (debug) executor")
     p.add_argument("--no-wait", action="store_true", help="slurm: submit the array and return without a summary")
     p.add_argument("--dry-run", action="store_true", help="validate and print what would run, launch nothing")
+
+    p = sub.add_parser("parity", help="compare a method's numbers with its authors' code (--ref checkout)")
+    from benchmarks.parity import add_arguments as add_parity_arguments
+
+    add_parity_arguments(p)
     return parser
 
 
@@ -469,6 +481,7 @@ COMMANDS = {
     "report": cmd_report,
     "reproduce": cmd_reproduce,
     "sweep": cmd_sweep,
+    "parity": cmd_parity,
     "gpu-check": cmd_gpu_check,
     "check-data": cmd_check_data,
 }

@@ -74,10 +74,11 @@ class TrainConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9
     weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | cosine | cosine_epoch | coda_cosine | coswm | step
+    schedule: str = "constant"  # constant | cosine | cosine_epoch | coda_cosine | coswm | step | timm_cosine
     warmup_epochs: int = 0
     freeze_iters: int = 0  # coswm: iterations at the floor lr before the cosine
     iter_step: Optional[int] = None  # coswm: iterations per epoch assumed by the schedule
+    schedule_epochs: Optional[int] = None  # coda_cosine: K when the phase is the start of a longer schedule (OVOR)
     min_lr: float = 0.0
     milestones: List[int] = field(default_factory=list)  # step schedule (epochs)
     gamma: float = 0.1
@@ -423,7 +424,7 @@ def resolve_config(
 # --- values that parse but mean nothing (checked before any file is written) --------------
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "cosine_epoch", "coda_cosine", "coswm", "step")
+SCHEDULES = ("constant", "cosine", "cosine_epoch", "coda_cosine", "coswm", "step", "timm_cosine")
 TRAIN_MASKS = ("current", "seen", "none")
 EVAL_MASKS = ("seen", "none")
 PRECISIONS = ("auto", "fp32", "bf16")

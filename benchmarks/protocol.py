@@ -29,6 +29,7 @@ Decisions that every method shares live here, once:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import time
@@ -170,9 +171,14 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
     * ``cosine_epoch``: torch's ``CosineAnnealingLR(T_max=epochs, eta_min=min_lr)`` stepped once per
       epoch: epoch e runs at min_lr + (lr − min_lr)·(1 + cos(π·e/epochs))/2 (RanPAC, RevisitingCIL /
       APER, CVPR24-Ease; issue 22).
+    * ``timm_cosine``: timm's per-epoch ``CosineLRScheduler`` (t_initial = epochs, lr_min =
+      ``min_lr``) stepped with ``step(epoch)`` after each epoch: epoch e ≥ 1 runs at the cosine's
+      value for e − 1 (NoRGa / HiDe-Prompt ImageNet-R).
     """
     epoch = it // max(1, steps_per_epoch)
     s = tcfg.schedule
+    if s == "coda_cosine" and tcfg.schedule_epochs:  # the first epochs of a K-epoch schedule (OVOR)
+        tcfg = dataclasses.replace(tcfg, epochs=tcfg.schedule_epochs, schedule_epochs=None)
     if s == "constant":
         return 1.0
     if s == "step":
@@ -203,7 +209,12 @@ def schedule_factor(tcfg: TrainConfig, it: int, steps_per_epoch: int, base_lr: f
             return floor + (1 - floor) * (it - tcfg.freeze_iters + 1) / warm
         p = min(1.0, (it - tcfg.freeze_iters - warm) / max(1, total - tcfg.freeze_iters - warm))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
-    raise ConfigError(f"unknown schedule '{s}'; use constant, cosine, cosine_epoch, coda_cosine, coswm or step")
+    if s == "timm_cosine":
+        # timm CosineLRScheduler(t_initial=epochs, lr_min=min_lr) stepped as step(epoch) after each
+        # epoch (JH-LEE / HiDe / NoRGa engines): constant within an epoch, epoch e >= 1 at t = e - 1
+        t = max(epoch - 1, 0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t / tcfg.epochs))
+    raise ConfigError(f"unknown schedule '{s}'; use constant, cosine, cosine_epoch, coda_cosine, coswm, step or timm_cosine")
 
 
 def build_scheduler(opt: torch.optim.Optimizer, tcfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -70,7 +70,7 @@ from benchmarks.config import ConfigError
 from methods.alignment import AlignConfig, ClassStats, align_classifier
 from methods.base import ContinualMethod, MethodOutput, Phase, Task
 from methods.registry import register_method
-from methods.vit import Prefix, prefix_from_kv
+from methods.vit import PrefixSpec, prefix_from_kv
 
 DEFAULT_POOL = 10  # the reference's --size: one prompt per task of its 10-task benchmarks
 
@@ -268,8 +268,8 @@ class HiDePrompt(ContinualMethod):
         if t > 0 and self.cfg.prompt_momentum > 0:
             self.prompts[t].copy_(self.train_prompt(t))
 
-    def _prefix(self, prompts: Tensor) -> Dict[int, Prefix]:
-        """Per-layer prefixes from prompts (B or 1, layers, 2, L, D)."""
+    def prompt_prefix(self, prompts: Tensor) -> PrefixSpec:
+        """Per-layer prefixes from prompts (B or 1, layers, 2, L, D) (NoRGa overrides it with gated ones)."""
         h = self.backbone.num_heads
         return {layer: prefix_from_kv(prompts[:, i, 0], prompts[:, i, 1], h) for i, layer in enumerate(self.cfg.prompt_layers)}
 
@@ -277,7 +277,7 @@ class HiDePrompt(ContinualMethod):
         """Instructed [CLS] of ``x`` with ``prompts`` (B, layers, 2, L, D), or one prompt for all (1, ...)."""
         if self.cfg.reshape_quirk:
             prompts = reshape_quirk_layout(prompts.expand(x.shape[0], *prompts.shape[1:]), self.cfg.device_batch)
-        return self.backbone(x, prefix=self._prefix(prompts))
+        return self.backbone(x, prefix=self.prompt_prefix(prompts))
 
     # -- TII ------------------------------------------------------------------------------------
     def tii_logits(self, q: Tensor) -> Tensor:

@@ -63,6 +63,7 @@ METHODS = list_methods() + [f"{EXAMPLE}(docs)"]
 # quick preset heavier than the tiny scenario needs. Each keeps every stage of the method running.
 BUDGET_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "hide_prompt": {"method": {"n_centroids": 2, "tii_epochs": 1, "tii_align_epochs": 2, "tap_epochs": 2}},
+    "norga": {"method": {"tii_epochs": 1, "tii_align_epochs": 2, "tap_epochs": 2}},
     "smope": {"method": {"ca_epochs": 3}},
     "vq_prompt": {"method": {"ca_epochs": 3}},
 }

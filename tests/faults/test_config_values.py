@@ -36,7 +36,7 @@ BAD = [
     ("train.batch_size=0", "train.batch_size=0 is out of range; it must be at least 1"),
     ("train.eval_batch_size=-1", "train.eval_batch_size=-1 is out of range; it must be at least 1"),
     ("train.optimizer=adamx", "unknown train.optimizer 'adamx'; use adam, adamw, sgd"),
-    ("train.schedule=linear", "unknown train.schedule 'linear'; use constant, cosine, cosine_epoch, coda_cosine, coswm, step"),
+    ("train.schedule=linear", "unknown train.schedule 'linear'; use constant, cosine, cosine_epoch, coda_cosine, coswm, step, timm_cosine"),
     ("train.train_mask=past", "unknown train.train_mask 'past'; use current, seen, none"),
 ]
 

@@ -1,0 +1,265 @@
+"""The parity harness (benchmarks/parity.py) on small reference stand-ins written here.
+
+No authors' checkout is needed: a stand-in :class:`Side` (a linear head on pixels, with its own
+initialisation, schedule, loader and transforms) plays the reference, with one difference planted
+at a time; the harness must report exactly that check as FAIL (or DEVIATION where documented) and
+every other check as PASS. Expected differences are computed here from closed forms.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+from torch import Tensor
+
+from benchmarks.parity import (DEVIATION, FAIL, PASS, TASK, Row, Side, Step, compare_init, ks_critical, ks_distance,
+                               markdown_table, run_sides, probe_image)
+
+ROOT = Path(__file__).resolve().parents[1]
+C, D, TASKS, S = 4, 12, 2, 16  # classes, features, tasks, image size of the stand-in
+
+
+def coda_lr(e: int, k: int) -> float:
+    """CODA-Prompt's effective per-epoch lr factor (its loop steps the scheduler from epoch 1 on)."""
+    return math.cos(99 * math.pi * max(e - 1, 0) / (200 * (k - 1)))
+
+
+class StandIn(Side):
+    """A linear head on the first D pixels, trained by SGD(lr · schedule), with a masked CE."""
+
+    def __init__(self, init: str = "trunc_normal", schedule: Optional[Callable[[int, int], float]] = None,
+                 interp: T.InterpolationMode = T.InterpolationMode.BICUBIC, reinit_at_boundary: bool = False,
+                 drop_last: bool = False, epochs: int = 5, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        if init == "trunc_normal":  # timm's head init: trunc_normal(std 0.02), zero bias
+            w = torch.nn.init.trunc_normal_(torch.empty(C, D), std=0.02, generator=g)
+            b = torch.zeros(C)
+        else:  # nn.Linear's default: U(-1/sqrt(D), 1/sqrt(D)) for weight and bias
+            bound = 1 / math.sqrt(D)
+            w = torch.empty(C, D).uniform_(-bound, bound, generator=g)
+            b = torch.empty(C).uniform_(-bound, bound, generator=g)
+        self.w, self.b = w.requires_grad_(), b.requires_grad_()
+        self.init = {"head.weight": w.detach().clone(), "head.bias": b.detach().clone()}
+        self.schedule = schedule or coda_lr
+        self.interp, self.reinit, self.drop_last, self.epochs = interp, reinit_at_boundary, drop_last, epochs
+        self.image_size, self.base_lr, self.batch_size, self.task = S, 0.1, 16, 0
+
+    def tensors(self) -> Dict[str, Tensor]:
+        return {"head.weight": self.w.detach().clone(), "head.bias": self.b.detach().clone()}
+
+    def set_tensors(self, values: Dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            self.w.copy_(values["head.weight"])
+            self.b.copy_(values["head.bias"])
+
+    def start_task(self, t: int, prev: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+        if t > 0 and self.reinit:
+            with torch.no_grad():
+                self.w.copy_(torch.nn.init.trunc_normal_(torch.empty(C, D), std=0.02,
+                                                          generator=torch.Generator().manual_seed(100 + t)))
+        self.task = t
+
+    def _logits(self, x: Tensor) -> Tensor:
+        return x.flatten(1)[:, :D] @ self.w.T + self.b
+
+    def eval_logits(self, x: Tensor) -> Tensor:
+        return self._logits(x)
+
+    def train_step(self, x: Tensor, y: Tensor) -> Step:
+        logits = self._logits(x)
+        per = C // TASKS
+        mask = torch.full((C,), float("-inf"))
+        mask[self.task * per:(self.task + 1) * per] = 0
+        loss = F.cross_entropy(logits + mask, y)
+        self.w.grad = self.b.grad = None
+        loss.backward()
+        grads = {"head.weight": self.w.grad.clone(), "head.bias": self.b.grad.clone()}
+        with torch.no_grad():
+            self.w -= self.base_lr * self.w.grad
+            self.b -= self.base_lr * self.b.grad
+        return Step(logits.detach(), {"ce": loss.detach()}, grads, self.tensors())
+
+    def lrs(self, steps_per_epoch: int) -> Dict[str, Tensor]:
+        lr = torch.tensor([self.base_lr * self.schedule(e, self.epochs) for e in range(self.epochs)], dtype=torch.float64)
+        return {"head.weight": lr, "head.bias": lr.clone()}
+
+    def steps_per_epoch(self, images: int) -> int:
+        return images // self.batch_size if self.drop_last else -(-images // self.batch_size)
+
+    def transform(self, image: np.ndarray, train: bool, seed: int) -> Tensor:
+        if train:
+            ops = [T.RandomResizedCrop(S, scale=(0.05, 1.0), antialias=True), T.RandomHorizontalFlip()]
+        else:
+            ops = [T.Resize(int(S * 256 / 224), interpolation=self.interp, antialias=True), T.CenterCrop(S)]
+        torch.manual_seed(seed)
+        return T.Compose(ops + [T.ToDtype(torch.float32, scale=True)])(torch.from_numpy(image).permute(2, 0, 1))
+
+
+def check(ours: Side, ref: Side, deviations: Optional[Dict[str, str]] = None):
+    return run_sides("toy", ours, ref, C, TASKS, "cifar100", deviations or {}, batch=3)
+
+
+def by_check(rows):
+    out: Dict[str, list] = {}
+    for r in rows:
+        out.setdefault(r.check, []).append(r)
+    return out
+
+
+def failing(rows):
+    return sorted({r.check for r in rows if r.status != PASS})
+
+
+def test_identical_stand_ins_pass_every_check():
+    rows = check(StandIn(seed=0), StandIn(seed=0))
+    assert failing(rows) == []
+    checks = set(by_check(rows))
+    for name in ("init", "boundary/changed", "boundary/values", "logits/eval", "logits/train", "loss/ce", "grad",
+                 "step", "lr", "loader", "transform/train", "transform/test"):
+        assert name in checks
+
+
+def test_planted_off_by_one_schedule_fails_with_the_hand_computed_difference():
+    # the reference steps its cosine at every epoch start (e), ours from epoch 1 on (max(e-1, 0))
+    shifted = lambda e, k: math.cos(99 * math.pi * e / (200 * (k - 1)))  # noqa: E731
+    rows = check(StandIn(), StandIn(schedule=shifted))
+    assert failing(rows) == ["lr"]
+    # epochs 0..4 of 5: factors cos(99π·max(e-1,0)/800) vs cos(99π·e/800); the gap grows with e,
+    # largest at e = 4: cos(297π/800) - cos(396π/800)
+    expected = 0.1 * (math.cos(297 * math.pi / 800) - math.cos(396 * math.pi / 800))
+    lr_rows = by_check(rows)["lr"]
+    assert {r.tensor for r in lr_rows} == {"head.weight", "head.bias"}
+    for r in lr_rows:
+        assert r.status == FAIL
+        assert r.max_abs == pytest.approx(expected, rel=1e-9)
+
+
+def test_planted_interpolation_change_fails_only_the_test_transform():
+    rows = check(StandIn(interp=T.InterpolationMode.BICUBIC), StandIn(interp=T.InterpolationMode.BILINEAR))
+    assert failing(rows) == ["transform/test"]
+    [row] = by_check(rows)["transform/test"]
+    assert row.status == FAIL and row.tol == pytest.approx(3 / 255)
+    # the same image through the two resizes, side by side (no harness code involved)
+    img = torch.from_numpy(probe_image("cifar100")).permute(2, 0, 1)
+    size = int(S * 256 / 224)
+    a = T.functional.center_crop(T.functional.resize(img, size, T.InterpolationMode.BICUBIC, antialias=True), S)
+    b = T.functional.center_crop(T.functional.resize(img, size, T.InterpolationMode.BILINEAR, antialias=True), S)
+    assert row.max_abs == pytest.approx(float((a.float() - b.float()).abs().max()) / 255, abs=1e-6)
+    assert row.max_abs > 3 / 255
+
+
+def test_planted_init_difference_fails_the_init_check_only():
+    # nn.Linear's default init against timm's trunc_normal(0.02) / zero bias: copying the weights
+    # before the forward comparison makes every later check agree
+    rows = check(StandIn(init="torch_default"), StandIn(init="trunc_normal"))
+    assert failing(rows) == ["init"]
+    init = {r.tensor: r for r in by_check(rows)["init"]}
+    assert init["head.bias"].status == FAIL  # uniform values against zeros: compared as constants
+    assert init["head.bias"].max_abs == pytest.approx(float(StandIn(init="torch_default").init["head.bias"].abs().max()))
+    assert init["head.weight"].status == FAIL
+
+
+def test_init_statistics_accept_the_same_distribution_and_reject_another():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(20000, generator=g) * 0.02, torch.randn(20000, generator=g) * 0.02
+    u = (torch.rand(20000, generator=g) * 2 - 1) * 0.02 * math.sqrt(3)  # same std 0.02, uniform
+    same = compare_init("c", {"t": a}, {"t": b}, {})
+    other = compare_init("c", {"t": u}, {"t": b}, {})
+    assert same[0].status == PASS and other[0].status == FAIL
+    # a std only 20 % larger is also a failure (the std criterion, 10 %)
+    wider = compare_init("c", {"t": a * 1.2}, {"t": b}, {})
+    assert wider[0].status == FAIL
+
+
+def test_ks_distance_and_critical_value_by_hand():
+    # ECDFs of {1,2,3} and {2,3,4}: at x in [1, 2) they are 1/3 and 0 -> sup 1/3
+    assert ks_distance(torch.tensor([1.0, 2, 3]), torch.tensor([2.0, 3, 4])) == pytest.approx(1 / 3)
+    assert ks_distance(torch.tensor([0.0, 1]), torch.tensor([5.0, 6])) == pytest.approx(1.0)
+    # c(α) = sqrt(-ln(α/2)/2); α = 0.001 -> 1.9495; n = m = 100 -> c·sqrt(2/100)
+    assert ks_critical(100, 100) == pytest.approx(math.sqrt(-math.log(0.0005) / 2) * math.sqrt(0.02))
+
+
+def test_boundary_reinit_and_drop_last_are_detected():
+    rows = check(StandIn(), StandIn(reinit_at_boundary=True))
+    # re-drawn on one side only: the changed fraction and the values after the boundary differ
+    assert failing(rows) == ["boundary/changed", "boundary/values"]
+    changed = {r.tensor: r for r in by_check(rows)["boundary/changed"]}
+    assert changed["head.weight"].max_abs == pytest.approx(1.0)  # every element re-drawn on one side only
+    assert changed["head.bias"].status == PASS
+    rows = check(StandIn(), StandIn(drop_last=True))
+    assert failing(rows) == ["loader"]
+    [row] = by_check(rows)["loader"]
+    assert row.max_abs == 1.0  # ceil(5003/16) = 313 against 5003 // 16 = 312
+
+
+def test_documented_difference_is_a_deviation_with_its_link():
+    link = "docs/methods-x.md#test-time-resize"
+    rows = check(StandIn(), StandIn(interp=T.InterpolationMode.BILINEAR), {"transform/*": link})
+    [row] = by_check(rows)["transform/test"]
+    assert row.status == DEVIATION and link in row.note
+    assert by_check(rows)["transform/train"][0].status == PASS  # within tolerance stays PASS
+
+
+def test_missing_and_misshapen_tensors_fail():
+    rows = compare_init("c", {"a": torch.zeros(3), "b": torch.zeros(2)}, {"a": torch.zeros(4), "c": torch.zeros(1)}, {})
+    notes = {r.tensor: (r.status, r.note) for r in rows}
+    assert notes["a"][0] == FAIL and "shape" in notes["a"][1]
+    assert notes["b"] == (FAIL, "only in ours")
+    assert notes["c"] == (FAIL, "only in the reference")
+
+
+def test_markdown_folds_passing_rows_and_keeps_failures():
+    rows = [Row("c", "grad", "a", 1e-9, 1e-6, PASS), Row("c", "grad", "b", 5e-7, 1e-6, PASS),
+            Row("c", "grad", "z", 1.0, 1e-6, FAIL)]
+    text = markdown_table(rows)
+    assert "| c | grad | 2 tensors (worst: b) | 5e-07 | 1e-06 | PASS |" in text
+    assert "| c | grad | z | 1 | 1e-06 | **FAIL** |" in text
+    # the same failure of many tensors (one schedule for all) is one row; a different one is not
+    same = [Row("c", "lr", n, 3e-5, 2e-12, FAIL) for n in ("a", "b", "c")] + [Row("c", "lr", "d", 1e-3, 2e-12, FAIL)]
+    text = markdown_table(same)
+    assert "| c | lr | 3 tensors (first: a) | 3e-05 | 2e-12 | **FAIL** |" in text
+    assert "| c | lr | d | 0.001 | 2e-12 | **FAIL** |" in text
+
+
+def test_our_side_against_itself_passes_and_sees_a_changed_head_init(micro_backbone, tiny_config):
+    """OurSide on the real L2P code (micro ViT): two builds agree on every check; a head
+    initialised like timm's on one side is caught by the init check alone."""
+    from benchmarks.parity import OurSide
+
+    cfg = tiny_config("l2p", {"benchmark": {"num_tasks": 2}, "train": {"epochs": 3, "schedule": "step",
+                                                                        "milestones": [1], "gamma": 0.5}})
+    vit = micro_backbone.vit
+    ours, other = OurSide("l2p", cfg, vit), OurSide("l2p", cfg, vit)
+    rows = run_sides("l2p", ours, other, ours.num_classes, 2, "synthetic", {}, batch=2)
+    assert failing(rows) == []
+    lr = by_check(rows)["lr"][0]
+    assert lr.status == PASS
+    # the step schedule by hand: lr, lr/2, lr/2 (milestone at epoch 1, gamma 0.5)
+    base = cfg.train.lr
+    assert torch.allclose(ours.lrs(3)["head.weight"], torch.tensor([base, base / 2, base / 2], dtype=torch.float64))
+    timm_like = OurSide("l2p", cfg, vit)
+    timm_like.init = dict(timm_like.init, **{"head.weight": torch.nn.init.trunc_normal_(torch.empty_like(ours.init["head.weight"]), std=0.02),
+                                            "head.bias": torch.zeros_like(ours.init["head.bias"])})
+    rows = compare_init("l2p", ours.init, timm_like.init, {})
+    assert {r.tensor for r in rows if r.status == FAIL} == {"head.bias", "head.weight"}
+
+
+def test_cli_missing_or_wrong_ref_is_one_sentence_and_exit_2(tmp_path, capsys):
+    import bench
+
+    for args, needle in ((["l2p", "--ref", str(tmp_path / "nope")], "is not a directory"),
+                         (["l2p", "--ref", str(tmp_path)], "is not a checkout of JH-LEE-KR/l2p-pytorch or GT-RIPL/CODA-Prompt"),
+                         (["smope", "--ref", str(tmp_path)], "configs/cifar-100_prompt_smope.yaml"),
+                         (["no_such_method", "--ref", str(tmp_path)], "no parity adapter")):
+        assert bench.main(["parity", *args]) == 2
+        out = capsys.readouterr()
+        lines = out.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0] and lines[0].endswith(".")
+        assert out.out == ""
