@@ -218,3 +218,33 @@ def test_features_only_phase_reads_no_image_once_the_queries_are_cached(monkeypa
         assert loads["n"] == (n if not needs_images else 3 * n)
         params.append([t.detach().clone() for t in p.method.tii_parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*params))
+
+
+def test_timm_cosine_follows_timm_cosine_lr_scheduler_stepped_after_each_epoch():
+    """HiDe-Prompt / NoRGa ImageNet-R: timm's CosineLRScheduler(t_initial=K, lr_min) with
+    ``lr_scheduler.step(epoch)`` after epoch ``epoch`` (their engines). The expected lr of each epoch
+    is read off timm's own scheduler driven by that loop, not from the suite's formula."""
+    from timm.scheduler import CosineLRScheduler
+
+    from benchmarks.config import TrainConfig
+    from benchmarks.protocol import schedule_factor
+
+    base, min_lr, k, steps = 0.03, 1e-5, 6, 4
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = CosineLRScheduler(opt, t_initial=k, lr_min=min_lr)
+    expected = []
+    for epoch in range(k):
+        expected.append(opt.param_groups[0]["lr"])  # the lr this epoch trains with
+        sched.step(epoch)
+    tcfg = TrainConfig(schedule="timm_cosine", epochs=k, lr=base, min_lr=min_lr)
+    for epoch in range(k):
+        for it in range(epoch * steps, (epoch + 1) * steps):  # constant within an epoch
+            assert base * schedule_factor(tcfg, it, steps, base) == pytest.approx(expected[epoch], rel=1e-9)
+    assert expected[0] == expected[1] == base  # epochs 0 and 1 both at the base lr
+
+
+def test_hide_prompt_imagenet_r_paper_preset_uses_the_per_epoch_timm_cosine():
+    from benchmarks.config import resolve_config
+
+    cfg = resolve_config("hide_prompt", "imagenet_r", "paper", {})
+    assert (cfg.train.schedule, cfg.train.epochs, cfg.train.min_lr) == ("timm_cosine", 150, 1e-5)
