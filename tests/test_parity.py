@@ -207,6 +207,34 @@ def test_documented_difference_is_a_deviation_with_its_link():
     assert by_check(rows)["transform/train"][0].status == PASS  # within tolerance stays PASS
 
 
+class Normalised(StandIn):
+    """A stand-in whose transform normalises with (mean, std) and which undoes it in ``pixels``."""
+
+    def __init__(self, mean: float, std: float, **kw) -> None:
+        super().__init__(**kw)
+        self.mean, self.std = mean, std
+
+    def transform(self, image, train, seed):
+        return (super().transform(image, train, seed) - self.mean) / self.std
+
+    def pixels(self, t):
+        return t * self.std + self.mean
+
+
+def test_transforms_compare_in_pixel_units_of_our_normalisation():
+    # the same normalisation on both sides: back in pixels the outputs agree
+    assert failing(check(Normalised(0.5, 0.25), Normalised(0.5, 0.25))) == []
+    # a reference normalising with std 0.5 instead: read with ours (0.25), its pixels are
+    # 0.5 + (x - 0.5)·0.5 instead of x, off by 0.5·|x - 0.5|
+    rows = check(Normalised(0.5, 0.25), Normalised(0.5, 0.5))
+    assert failing(rows) == ["transform/test", "transform/train"]
+    [row] = by_check(rows)["transform/test"]
+    img = torch.from_numpy(probe_image("cifar100")).permute(2, 0, 1)
+    size = int(S * 256 / 224)
+    x = T.functional.center_crop(T.functional.resize(img, size, T.InterpolationMode.BICUBIC, antialias=True), S).float() / 255
+    assert row.max_abs == pytest.approx(float((0.5 * (x - 0.5)).abs().max()), abs=1e-6)
+
+
 def test_missing_and_misshapen_tensors_fail():
     rows = compare_init("c", {"a": torch.zeros(3), "b": torch.zeros(2)}, {"a": torch.zeros(4), "c": torch.zeros(1)}, {})
     notes = {r.tensor: (r.status, r.note) for r in rows}
