@@ -7,7 +7,6 @@ every other check as PASS. Expected differences are computed here from closed fo
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 from torch import Tensor
 
-from benchmarks.parity import (DEVIATION, FAIL, PASS, TASK, Row, Side, Step, compare_init, ks_critical, ks_distance,
+from benchmarks.parity import (DEVIATION, FAIL, PASS, Row, Side, Step, compare_init, ks_critical, ks_distance,
                                markdown_table, run_sides, probe_image)
 
 ROOT = Path(__file__).resolve().parents[1]
