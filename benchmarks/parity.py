@@ -62,6 +62,7 @@ import importlib
 import json
 import math
 import pkgutil
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -629,7 +630,7 @@ def fmt(v: float) -> str:
     return "n/a" if math.isnan(v) else f"{v:.3g}"
 
 
-def markdown_table(rows: List[Row], tensors: bool = False) -> str:
+def markdown_table(rows: List[Row], tensors: bool = False, links: bool = False) -> str:
     """The parity table. Unless ``tensors``: PASS rows of one case and check are folded into one
     (worst difference, tensor count), and so are FAIL / DEVIATION rows of one check that differ
     identically (same difference and note, e.g. one lr schedule for every tensor)."""
@@ -651,7 +652,10 @@ def markdown_table(rows: List[Row], tensors: bool = False) -> str:
     for r, n in shown:
         name = r.tensor if n == 1 else f"{n} tensors ({'worst' if r.status == PASS else 'first'}: {r.tensor})"
         status = f"**{r.status}**" if r.status != PASS else r.status
-        lines.append(f"| {r.case} | {r.check} | {name} | {fmt(r.max_abs)} | {fmt(r.tol)} | {status} | {r.note} |")
+        note = r.note
+        if links:  # docs/x.md#y -> a link relative to docs/ (where the tables are kept)
+            note = re.sub(r"docs/(\S+?\.md(?:#\S+)?)", r"[docs/\1](\1)", note)
+        lines.append(f"| {r.case} | {r.check} | {name} | {fmt(r.max_abs)} | {fmt(r.tol)} | {status} | {note} |")
     return "\n".join(lines)
 
 
@@ -663,7 +667,7 @@ def record_markdown(record: Dict[str, Any]) -> str:
             f"Reference: `{record['repo']}` @ `{record.get('commit') or 'unknown'}`; run {record['date']}, "
             f"torch {record['torch']}, batch {record['batch']}, seed {record['seed']}, {record['seconds']} s.",
             f"**{c[PASS]} PASS, {c[DEVIATION]} DEVIATION, {c[FAIL]} FAIL**", ""]
-    return "\n\n".join(h for h in head if h) + "\n" + markdown_table(rows)
+    return "\n\n".join(h for h in head if h) + "\n\n" + markdown_table(rows, links=True)
 
 
 def summary(rows: List[Row]) -> Dict[str, int]:
