@@ -290,3 +290,61 @@ def test_cli_missing_or_wrong_ref_is_one_sentence_and_exit_2(tmp_path, capsys):
         lines = out.err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0] and lines[0].endswith(".")
         assert out.out == ""
+
+
+def test_reference_layouts_map_element_by_element():
+    """The adapters' layout maps, checked at single elements against the layouts as the reference
+    code defines them (no checkout needed: the maps are plain tensor functions)."""
+    from benchmarks.parity_coda import coda_maps, pool_maps
+    from benchmarks.parity_jhlee import _e_to_ours, _g_to_ours
+
+    # dualprompt-pytorch EPrompt: (layers, 2 = key/value, pool, L, H, d_h); ours (layers, pool, 2L, D),
+    # rows [0, L) keys, [L, 2L) values, D = H·d_h
+    ref = torch.randn(3, 2, 10, 5, 4, 6)
+    ours = _e_to_ours(ref)
+    assert ours.shape == (3, 10, 10, 24)
+    assert ours[2, 7, 5 + 3, 1 * 6 + 4] == ref[2, 1, 7, 3, 1, 4]  # value token 3, head 1, channel 4
+    assert ours[0, 9, 2, 3 * 6 + 5] == ref[0, 0, 9, 2, 3, 5]  # key token 2
+    g = torch.randn(2, 2, 5, 4, 6)  # G-prompt (layers, 2, L, H, d_h) -> (layers, 2L, D)
+    assert _g_to_ours(g)[1, 5 + 4, 2 * 6 + 1] == g[1, 1, 4, 2, 1]
+
+    # CODA-P: e_p_<l> rows are components, task t owns rows [t·M/T, (t+1)·M/T)
+    to_ours, to_theirs = coda_maps([0, 3], num_tasks=4)
+    theirs = {f"prompt.e_{k}_{l}": torch.randn(8, 3) for k in "pka" for l in (0, 3)}
+    theirs.update({"last.weight": torch.randn(5, 3), "last.bias": torch.randn(5)})
+    mapped = to_ours(theirs)
+    assert torch.equal(mapped["pools.3.k.2"], theirs["prompt.e_k_3"][4:6])
+    assert torch.equal(mapped["head.bias"], theirs["last.bias"])
+    back = to_theirs(mapped)
+    assert set(back) == set(theirs) and all(torch.equal(back[n], theirs[n]) for n in theirs)
+
+    # CODA's DualPrompt: e_p_<2,3,4> stacked into our e_prompt, g_p_<0,1> into g_prompt
+    to_ours, to_theirs = pool_maps([2, 3, 4], [0, 1], "dualprompt")
+    theirs = {f"prompt.e_p_{l}": torch.randn(10, 20, 3) for l in (2, 3, 4)}
+    theirs.update({f"prompt.e_k_{l}": torch.randn(10, 3) for l in (2, 3, 4)})
+    theirs.update({f"prompt.g_p_{l}": torch.randn(6, 3) for l in (0, 1)})
+    mapped = to_ours(theirs)
+    assert torch.equal(mapped["e_prompt"][1], theirs["prompt.e_p_3"]) and torch.equal(mapped["keys"][2], theirs["prompt.e_k_4"])
+    assert torch.equal(mapped["g_prompt"][1], theirs["prompt.g_p_1"])
+    back = to_theirs(mapped)
+    assert all(torch.equal(back[n], theirs[n]) for n in theirs)
+
+
+def test_smope_expert_tensors_map_to_layer_head_expert():
+    """SMoPE's OnePrompt keeps one (1, d_h) parameter per (layer, expert, head):
+    ``e_pk_<layer>_<expert>_<head>``; ours one (layers, heads, experts, d_h) tensor."""
+    from types import SimpleNamespace
+
+    from benchmarks.parity_smope import SMoPEAdapter
+
+    layers, heads, experts, dh = [0, 1, 2], 2, 3, 4
+    ours = SimpleNamespace(init={"keys": torch.zeros(len(layers), heads, experts, dh)},
+                           cfg=SimpleNamespace(method=SimpleNamespace(layers=layers)))
+    to_ours, to_theirs = SMoPEAdapter().maps(ours)
+    theirs = {f"prompt.e_{k}_{l}_{x}_{h}": torch.randn(1, dh)
+              for k in ("pk", "pv") for l in layers for x in range(experts) for h in range(heads)}
+    mapped = to_ours(theirs)
+    assert torch.equal(mapped["keys"][2, 1, 0], theirs["prompt.e_pk_2_0_1"][0])
+    assert torch.equal(mapped["values"][1, 0, 2], theirs["prompt.e_pv_1_2_0"][0])
+    back = to_theirs(mapped)
+    assert set(back) == set(theirs) and all(torch.equal(back[n], theirs[n]) for n in theirs)
