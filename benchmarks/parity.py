@@ -47,7 +47,14 @@ the harness looks adapters up) with one :class:`Adapter` subclass per method::
 subclasses :class:`Side` and answers the same questions: its tensors under *our* parameter names
 (the adapter maps its names), ``set_tensors`` to load ours, ``start_task``, ``eval_logits``,
 ``train_step``, ``lrs``, ``steps_per_epoch``, ``transform`` and ``boundary_state``. Tests can
-build a :class:`Side` from plain functions (tests/test_parity.py).
+build a :class:`Side` from plain functions (tests/test_parity.py). Further hooks:
+``Case.overrides`` / ``Case.deviations`` (a second case with a documented reference option set,
+so that the rest is still compared exactly), ``Adapter.end_of_task`` (False when the reference
+side does not model end-of-task statistics), ``OurSide.buffers`` (buffers reported at the
+boundary), ``Side.pixels`` (undo a normalisation). A method may have several adapters, one per
+reference repository; the one whose ``check_ref`` accepts ``--ref`` runs.
+
+Exit status: 0 when no row FAILs, 1 when one does, 2 for a usage error (one sentence on stderr).
 """
 from __future__ import annotations
 
