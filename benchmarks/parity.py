@@ -719,8 +719,14 @@ def run(a: argparse.Namespace) -> int:
         except ConfigError as e:
             raise ParityError(str(e)) from None
         cases = [c for c in adapter.cases() if not a.case or any(c.label.startswith(p) for p in a.case)]
+        from benchmarks.cost_report import resolve_method_config
+
         for c in cases:
             c.overrides = deep_merge(c.overrides, extra)
+            try:  # every case's config resolves before anything is built
+                resolve_method_config(adapter.method, c.benchmark, c.preset, c.overrides)
+            except ConfigError as e:
+                raise ParityError(str(e)) from None
         if not cases:
             raise ParityError(f"no case of {a.method} matches {a.case}; cases: {', '.join(c.label for c in adapter.cases())}")
     except ParityError as e:

@@ -281,10 +281,15 @@ def test_our_side_against_itself_passes_and_sees_a_changed_head_init(micro_backb
 def test_cli_missing_or_wrong_ref_is_one_sentence_and_exit_2(tmp_path, capsys):
     import bench
 
+    reflike = tmp_path / "l2p-like"  # passes the l2p-pytorch check; the bad --set is caught before building
+    (reflike / "configs").mkdir(parents=True)
+    (reflike / "configs" / "cifar100_l2p.py").write_text("")
+
     for args, needle in ((["l2p", "--ref", str(tmp_path / "nope")], "is not a directory"),
                          (["l2p", "--ref", str(tmp_path)], "is not a checkout of JH-LEE-KR/l2p-pytorch or GT-RIPL/CODA-Prompt"),
                          (["smope", "--ref", str(tmp_path)], "configs/cifar-100_prompt_smope.yaml"),
-                         (["no_such_method", "--ref", str(tmp_path)], "no parity adapter")):
+                         (["no_such_method", "--ref", str(tmp_path)], "no parity adapter"),
+                         (["l2p", "--ref", str(reflike), "--set", "method.no_such_key=1"], "no_such_key")):
         assert bench.main(["parity", *args]) == 2
         out = capsys.readouterr()
         lines = out.err.strip().splitlines()
