@@ -47,7 +47,14 @@ the harness looks adapters up) with one :class:`Adapter` subclass per method::
 subclasses :class:`Side` and answers the same questions: its tensors under *our* parameter names
 (the adapter maps its names), ``set_tensors`` to load ours, ``start_task``, ``eval_logits``,
 ``train_step``, ``lrs``, ``steps_per_epoch``, ``transform`` and ``boundary_state``. Tests can
-build a :class:`Side` from plain functions (tests/test_parity.py).
+build a :class:`Side` from plain functions (tests/test_parity.py). Further hooks:
+``Case.overrides`` / ``Case.deviations`` (a second case with a documented reference option set,
+so that the rest is still compared exactly), ``Adapter.end_of_task`` (False when the reference
+side does not model end-of-task statistics), ``OurSide.buffers`` (buffers reported at the
+boundary), ``Side.pixels`` (undo a normalisation). A method may have several adapters, one per
+reference repository; the one whose ``check_ref`` accepts ``--ref`` runs.
+
+Exit status: 0 when no row FAILs, 1 when one does, 2 for a usage error (one sentence on stderr).
 """
 from __future__ import annotations
 
@@ -62,6 +69,7 @@ import importlib
 import json
 import math
 import pkgutil
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -263,6 +271,10 @@ class Side:
         """The (train or test) transform of ``image`` (H, W, 3 uint8) with the RNG seeded by ``seed``."""
         raise NotImplementedError
 
+    def pixels(self, t: Tensor) -> Tensor:
+        """Undo this side's input normalisation (identity when it has none)."""
+        return t
+
 
 def method_tensors(m: nn.Module) -> Dict[str, Tensor]:
     """The method's own parameters (not the backbone's)."""
@@ -361,6 +373,15 @@ class OurSide(Side):
         tcfg = phase_config(self.cfg.train, self.method.phases(self.tasks[TASK])[-1])
         drop = tcfg.drop_last and images >= tcfg.batch_size
         return images // tcfg.batch_size if drop else math.ceil(images / tcfg.batch_size)
+
+    def pixels(self, t: Tensor) -> Tensor:
+        from benchmarks.datasets import _NORMS
+
+        norm = _NORMS.get(self.cfg.benchmark.normalize)
+        if norm is None:
+            return t
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in norm)
+        return t * std + mean
 
     def transform(self, image: np.ndarray, train: bool, seed: int) -> Tensor:
         from benchmarks.datasets import build_transform
@@ -551,10 +572,10 @@ def run_sides(case: str, ours: Side, ref: Side, num_classes: int, num_tasks: int
     rows += compare_init(case, fresh_o, fresh_r, deviations, check="boundary/redrawn")
     rows += compare_tensors(case, "boundary/values", kept_o, kept_r, deviations, "boundary")
     st_o, st_r = ours.boundary_state(), ref.boundary_state()
-    if not any(k.startswith("trained:") for k in st_r):
-        # the reference side does not say what its optimiser trains (CODA's holds every component
-        # and the forward detaches the old ones): the grad check shows what gets a gradient
-        st_o = {k: v for k, v in st_o.items() if not k.startswith("trained:")}
+    # which tensors the optimiser trains, for the tensors the reference side can say it of (CODA's
+    # and HiDe's optimisers hold every task's slots in one tensor or list, and the forward detaches
+    # or ignores the others): what really gets a gradient is the grad check's business
+    st_o = {k: v for k, v in st_o.items() if not k.startswith("trained:") or k in st_r}
     rows += compare_tensors(case, "boundary/state", st_o, st_r, deviations, "boundary")
     ref.set_tensors(ours.tensors())
     x, y = batch_for(num_classes, num_tasks, TASK, batch, seed, ours.image_size)
@@ -589,8 +610,10 @@ def run_sides(case: str, ours: Side, ref: Side, num_classes: int, num_tasks: int
     img = probe_image(benchmark, seed)
     for train in (True, False):
         name = "transform/train" if train else "transform/test"
-        rows += compare_tensors(case, name, {"image": ours.transform(img, train, seed + 7)},
-                                {"image": ref.transform(img, train, seed + 7)}, deviations)
+        # both outputs back to pixel units with our normalisation (a reference normalising
+        # differently then shows as a difference), so that the tolerance is in pixels
+        rows += compare_tensors(case, name, {"image": ours.pixels(ours.transform(img, train, seed + 7))},
+                                {"image": ours.pixels(ref.transform(img, train, seed + 7))}, deviations)
     return rows
 
 
@@ -614,7 +637,7 @@ def fmt(v: float) -> str:
     return "n/a" if math.isnan(v) else f"{v:.3g}"
 
 
-def markdown_table(rows: List[Row], tensors: bool = False) -> str:
+def markdown_table(rows: List[Row], tensors: bool = False, links: bool = False) -> str:
     """The parity table. Unless ``tensors``: PASS rows of one case and check are folded into one
     (worst difference, tensor count), and so are FAIL / DEVIATION rows of one check that differ
     identically (same difference and note, e.g. one lr schedule for every tensor)."""
@@ -636,7 +659,10 @@ def markdown_table(rows: List[Row], tensors: bool = False) -> str:
     for r, n in shown:
         name = r.tensor if n == 1 else f"{n} tensors ({'worst' if r.status == PASS else 'first'}: {r.tensor})"
         status = f"**{r.status}**" if r.status != PASS else r.status
-        lines.append(f"| {r.case} | {r.check} | {name} | {fmt(r.max_abs)} | {fmt(r.tol)} | {status} | {r.note} |")
+        note = r.note
+        if links:  # docs/x.md#y -> a link relative to docs/ (where the tables are kept)
+            note = re.sub(r"docs/(\S+?\.md(?:#\S+)?)", r"[docs/\1](\1)", note)
+        lines.append(f"| {r.case} | {r.check} | {name} | {fmt(r.max_abs)} | {fmt(r.tol)} | {status} | {note} |")
     return "\n".join(lines)
 
 
@@ -648,7 +674,7 @@ def record_markdown(record: Dict[str, Any]) -> str:
             f"Reference: `{record['repo']}` @ `{record.get('commit') or 'unknown'}`; run {record['date']}, "
             f"torch {record['torch']}, batch {record['batch']}, seed {record['seed']}, {record['seconds']} s.",
             f"**{c[PASS]} PASS, {c[DEVIATION]} DEVIATION, {c[FAIL]} FAIL**", ""]
-    return "\n\n".join(h for h in head if h) + "\n" + markdown_table(rows)
+    return "\n\n".join(h for h in head if h) + "\n\n" + markdown_table(rows, links=True)
 
 
 def summary(rows: List[Row]) -> Dict[str, int]:
@@ -693,8 +719,14 @@ def run(a: argparse.Namespace) -> int:
         except ConfigError as e:
             raise ParityError(str(e)) from None
         cases = [c for c in adapter.cases() if not a.case or any(c.label.startswith(p) for p in a.case)]
+        from benchmarks.cost_report import resolve_method_config
+
         for c in cases:
             c.overrides = deep_merge(c.overrides, extra)
+            try:  # every case's config resolves before anything is built
+                resolve_method_config(adapter.method, c.benchmark, c.preset, c.overrides)
+            except ConfigError as e:
+                raise ParityError(str(e)) from None
         if not cases:
             raise ParityError(f"no case of {a.method} matches {a.case}; cases: {', '.join(c.label for c in adapter.cases())}")
     except ParityError as e:

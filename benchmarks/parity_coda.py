@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks.parity import TASK, Adapter, Case, Side, Step, register_adapter
+from benchmarks.parity import Adapter, Case, Side, Step, register_adapter
 from benchmarks.parity_jhlee import cpu_shims
 from benchmarks.refcompare import load_vit_weights, quiet
 
@@ -135,7 +135,7 @@ class LearnerSide(Side):
 
         def recording(logits: Tensor, targets: Tensor, dw: Tensor) -> Tensor:
             loss = criterion(logits, targets, dw)
-            crit.append(loss.detach())
+            crit.append(loss.detach().clone())  # a copy, in case the loop adds to it in place
             return loss
 
         lrn.criterion = recording

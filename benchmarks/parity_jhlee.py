@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks.parity import TASK, Adapter, Case, Side, Step, register_adapter
+from benchmarks.parity import Adapter, Case, Side, Step, register_adapter
 from benchmarks.refcompare import JHLEE_MODEL_KWARGS, quiet, timm06_shim
 
 
@@ -54,8 +53,8 @@ class Recorder(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         loss = nn.functional.cross_entropy(logits, target)
-        # clone: the reference adds its other terms to the returned loss in place (loss += ...)
-        self.calls.append((logits.detach(), loss.detach().clone()))
+        # copies: HiDe's loop adds its regulariser in place (loss += ...) to the returned tensor
+        self.calls.append((logits.detach().clone(), loss.detach().clone()))
         return loss
 
 

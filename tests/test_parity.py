@@ -7,7 +7,6 @@ every other check as PASS. Expected differences are computed here from closed fo
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 from torch import Tensor
 
-from benchmarks.parity import (DEVIATION, FAIL, PASS, TASK, Row, Side, Step, compare_init, ks_critical, ks_distance,
+from benchmarks.parity import (DEVIATION, FAIL, PASS, Row, Side, Step, compare_init, ks_critical, ks_distance,
                                markdown_table, run_sides, probe_image)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,6 +206,34 @@ def test_documented_difference_is_a_deviation_with_its_link():
     assert by_check(rows)["transform/train"][0].status == PASS  # within tolerance stays PASS
 
 
+class Normalised(StandIn):
+    """A stand-in whose transform normalises with (mean, std) and which undoes it in ``pixels``."""
+
+    def __init__(self, mean: float, std: float, **kw) -> None:
+        super().__init__(**kw)
+        self.mean, self.std = mean, std
+
+    def transform(self, image, train, seed):
+        return (super().transform(image, train, seed) - self.mean) / self.std
+
+    def pixels(self, t):
+        return t * self.std + self.mean
+
+
+def test_transforms_compare_in_pixel_units_of_our_normalisation():
+    # the same normalisation on both sides: back in pixels the outputs agree
+    assert failing(check(Normalised(0.5, 0.25), Normalised(0.5, 0.25))) == []
+    # a reference normalising with std 0.5 instead: read with ours (0.25), its pixels are
+    # 0.5 + (x - 0.5)·0.5 instead of x, off by 0.5·|x - 0.5|
+    rows = check(Normalised(0.5, 0.25), Normalised(0.5, 0.5))
+    assert failing(rows) == ["transform/test", "transform/train"]
+    [row] = by_check(rows)["transform/test"]
+    img = torch.from_numpy(probe_image("cifar100")).permute(2, 0, 1)
+    size = int(S * 256 / 224)
+    x = T.functional.center_crop(T.functional.resize(img, size, T.InterpolationMode.BICUBIC, antialias=True), S).float() / 255
+    assert row.max_abs == pytest.approx(float((0.5 * (x - 0.5)).abs().max()), abs=1e-6)
+
+
 def test_missing_and_misshapen_tensors_fail():
     rows = compare_init("c", {"a": torch.zeros(3), "b": torch.zeros(2)}, {"a": torch.zeros(4), "c": torch.zeros(1)}, {})
     notes = {r.tensor: (r.status, r.note) for r in rows}
@@ -254,12 +281,75 @@ def test_our_side_against_itself_passes_and_sees_a_changed_head_init(micro_backb
 def test_cli_missing_or_wrong_ref_is_one_sentence_and_exit_2(tmp_path, capsys):
     import bench
 
+    reflike = tmp_path / "l2p-like"  # passes the l2p-pytorch check; the bad --set is caught before building
+    (reflike / "configs").mkdir(parents=True)
+    (reflike / "configs" / "cifar100_l2p.py").write_text("")
+
     for args, needle in ((["l2p", "--ref", str(tmp_path / "nope")], "is not a directory"),
                          (["l2p", "--ref", str(tmp_path)], "is not a checkout of JH-LEE-KR/l2p-pytorch or GT-RIPL/CODA-Prompt"),
                          (["smope", "--ref", str(tmp_path)], "configs/cifar-100_prompt_smope.yaml"),
-                         (["no_such_method", "--ref", str(tmp_path)], "no parity adapter")):
+                         (["no_such_method", "--ref", str(tmp_path)], "no parity adapter"),
+                         (["l2p", "--ref", str(reflike), "--set", "method.no_such_key=1"], "no_such_key")):
         assert bench.main(["parity", *args]) == 2
         out = capsys.readouterr()
         lines = out.err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0] and lines[0].endswith(".")
         assert out.out == ""
+
+
+def test_reference_layouts_map_element_by_element():
+    """The adapters' layout maps, checked at single elements against the layouts as the reference
+    code defines them (no checkout needed: the maps are plain tensor functions)."""
+    from benchmarks.parity_coda import coda_maps, pool_maps
+    from benchmarks.parity_jhlee import _e_to_ours, _g_to_ours
+
+    # dualprompt-pytorch EPrompt: (layers, 2 = key/value, pool, L, H, d_h); ours (layers, pool, 2L, D),
+    # rows [0, L) keys, [L, 2L) values, D = H·d_h
+    ref = torch.randn(3, 2, 10, 5, 4, 6)
+    ours = _e_to_ours(ref)
+    assert ours.shape == (3, 10, 10, 24)
+    assert ours[2, 7, 5 + 3, 1 * 6 + 4] == ref[2, 1, 7, 3, 1, 4]  # value token 3, head 1, channel 4
+    assert ours[0, 9, 2, 3 * 6 + 5] == ref[0, 0, 9, 2, 3, 5]  # key token 2
+    g = torch.randn(2, 2, 5, 4, 6)  # G-prompt (layers, 2, L, H, d_h) -> (layers, 2L, D)
+    assert _g_to_ours(g)[1, 5 + 4, 2 * 6 + 1] == g[1, 1, 4, 2, 1]
+
+    # CODA-P: e_p_<l> rows are components, task t owns rows [t·M/T, (t+1)·M/T)
+    to_ours, to_theirs = coda_maps([0, 3], num_tasks=4)
+    theirs = {f"prompt.e_{k}_{l}": torch.randn(8, 3) for k in "pka" for l in (0, 3)}
+    theirs.update({"last.weight": torch.randn(5, 3), "last.bias": torch.randn(5)})
+    mapped = to_ours(theirs)
+    assert torch.equal(mapped["pools.3.k.2"], theirs["prompt.e_k_3"][4:6])
+    assert torch.equal(mapped["head.bias"], theirs["last.bias"])
+    back = to_theirs(mapped)
+    assert set(back) == set(theirs) and all(torch.equal(back[n], theirs[n]) for n in theirs)
+
+    # CODA's DualPrompt: e_p_<2,3,4> stacked into our e_prompt, g_p_<0,1> into g_prompt
+    to_ours, to_theirs = pool_maps([2, 3, 4], [0, 1], "dualprompt")
+    theirs = {f"prompt.e_p_{l}": torch.randn(10, 20, 3) for l in (2, 3, 4)}
+    theirs.update({f"prompt.e_k_{l}": torch.randn(10, 3) for l in (2, 3, 4)})
+    theirs.update({f"prompt.g_p_{l}": torch.randn(6, 3) for l in (0, 1)})
+    mapped = to_ours(theirs)
+    assert torch.equal(mapped["e_prompt"][1], theirs["prompt.e_p_3"]) and torch.equal(mapped["keys"][2], theirs["prompt.e_k_4"])
+    assert torch.equal(mapped["g_prompt"][1], theirs["prompt.g_p_1"])
+    back = to_theirs(mapped)
+    assert all(torch.equal(back[n], theirs[n]) for n in theirs)
+
+
+def test_smope_expert_tensors_map_to_layer_head_expert():
+    """SMoPE's OnePrompt keeps one (1, d_h) parameter per (layer, expert, head):
+    ``e_pk_<layer>_<expert>_<head>``; ours one (layers, heads, experts, d_h) tensor."""
+    from types import SimpleNamespace
+
+    from benchmarks.parity_smope import SMoPEAdapter
+
+    layers, heads, experts, dh = [0, 1, 2], 2, 3, 4
+    ours = SimpleNamespace(init={"keys": torch.zeros(len(layers), heads, experts, dh)},
+                           cfg=SimpleNamespace(method=SimpleNamespace(layers=layers)))
+    to_ours, to_theirs = SMoPEAdapter().maps(ours)
+    theirs = {f"prompt.e_{k}_{l}_{x}_{h}": torch.randn(1, dh)
+              for k in ("pk", "pv") for l in layers for x in range(experts) for h in range(heads)}
+    mapped = to_ours(theirs)
+    assert torch.equal(mapped["keys"][2, 1, 0], theirs["prompt.e_pk_2_0_1"][0])
+    assert torch.equal(mapped["values"][1, 0, 2], theirs["prompt.e_pv_1_2_0"][0])
+    back = to_theirs(mapped)
+    assert set(back) == set(theirs) and all(torch.equal(back[n], theirs[n]) for n in theirs)
