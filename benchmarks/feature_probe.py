@@ -175,7 +175,7 @@ def scenario_features(cfg, features: str = "backbone") -> Tuple[List[Split], Lis
     from benchmarks.scenarios import build_scenario
     from methods.backbones import create_backbone
 
-    backbone, _ = create_backbone(cfg.backbone)
+    backbone, _ = create_backbone(cfg.backbone, benchmark=cfg.benchmark)
     backbone.eval()
     scenario = build_scenario(cfg.benchmark, cfg.seed, backbone.img_size)
     if features == "backbone":
