@@ -230,8 +230,7 @@ def demo_benchmark(choice: str, data_root: str) -> tuple:
             print(f"demo: the download failed ({type(e).__name__})", flush=True)
         files = find_fashion_mnist(data_root)
     if files is not None:
-        return "fashion_mnist", (f"Fashion-MNIST (files in {files['train_images'].parent}), on the micro ViT pretrained "
-                                 f"in-domain on held-out Fashion-MNIST training images that no task uses")
+        return "fashion_mnist", f"Fashion-MNIST, because its files are in {files['train_images'].parent}"
     if choice == "fashion_mnist":
         raise UsageError(f"--demo-benchmark fashion_mnist: the files are neither in {data_root} nor in {FASHION_MNIST_DEBIAN} "
                          f"and could not be downloaded; install them with 'apt-get install dataset-fashion-mnist'")
@@ -258,8 +257,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = resolve_config("finetune", bench, "quick", cli_overrides(build_parser().parse_args(["run", *extra])))
     from methods.backbones import create_backbone
 
+    what = (f"pretrained in-domain on {cfg.benchmark.pretrain_holdout:,} {bench} training images per class, held out of "
+            f"the CL stream" if cfg.backbone.pretrain == "in_domain" else "pretrained on procedural classes disjoint from every task")
+    print(f"demo: backbone {cfg.backbone.name}, {what} (methods/pretrain.py; pretrained once, then cached)", flush=True)
     _, info = create_backbone(cfg.backbone, benchmark=cfg.benchmark)
-    print(f"demo: backbone {info.name} ({info.tag}, {info.checkpoint})", flush=True)
+    print(f"demo: backbone weights {info.checkpoint}", flush=True)
     jobs = [["run", "-b", bench, "-m", m, "--preset", "quick", "--out", str(out / "runs"), "--seeds", str(s), "--quiet", *extra]
             for m in demo_order(list_methods()) for s in args.seeds]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

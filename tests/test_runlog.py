@@ -124,3 +124,19 @@ def test_tensorboard_writer_receives_the_epoch_and_eval_scalars(tmp_path):
     assert w.scalars == [("train/loss", 0.5, 1), ("train/lr", 0.01, 1), ("train/loss", 0.25, 2), ("train/lr", 0.01, 2),
                          ("eval/avg_acc", 70.0, 2), ("eval/acc_task1", 80.0, 2), ("eval/acc_task2", 60.0, 2)]
     assert lines[-1] == "task 2/3 eval: acc 80 60 | avg 70"
+
+
+def test_demo_says_which_benchmark_and_why(tmp_path, monkeypatch):
+    import benchmarks.datasets as D
+    from test_pretrain_in_domain import _fake_fashion
+
+    monkeypatch.setenv("PROMPTCL_OFFLINE", "1")
+    monkeypatch.setattr(D, "FASHION_MNIST_DEBIAN", tmp_path / "no-debian")
+    bench_name, why = bench.demo_benchmark("auto", str(tmp_path / "empty"))
+    assert bench_name == "synthetic"
+    assert "apt-get install dataset-fashion-mnist" in why and "PROMPTCL_OFFLINE" in why and why.count(". ") == 0
+    with pytest.raises(bench.UsageError, match="apt-get install dataset-fashion-mnist"):
+        bench.demo_benchmark("fashion_mnist", str(tmp_path / "empty"))
+    root = _fake_fashion(tmp_path / "fm")
+    assert bench.demo_benchmark("auto", str(root)) == ("fashion_mnist", f"Fashion-MNIST, because its files are in {root}")
+    assert bench.demo_benchmark("synthetic", str(root))[0] == "synthetic"
