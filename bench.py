@@ -143,7 +143,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {p}")
     print("backbones:")
     for n in MICRO_CONFIGS:
-        print(f"  {n:<28} CPU micro ViT (pretrained by the suite on procedural classes)")
+        print(f"  {n:<28} CPU micro ViT, pretrained by the suite (backbone.pretrain: procedural classes, or in_domain: "
+              f"the benchmark's held-out training images)")
     for n in ("vit_base_patch16_224.augreg2_in21k_ft_in1k", "vit_base_patch16_224.augreg_in21k", "any timm vit_* name[.tag]"):
         print(f"  {n}")
     return 0
@@ -324,7 +325,7 @@ def demo_summary(runs: Path, bench: str, seeds: Sequence[int]) -> List[str]:
     tp = (one or {}).get("cost", {}).get("throughput")
     if tp:
         lines.append(f"throughput (img/s): measured at the end of each run on {tp['device']}, {tp['precision']}, "
-                     f"batch {tp['batch_size']}, {tp['torch_threads']} torch thread(s) per run")
+                     f"batch {tp['batch_size']} (the machine was shared with other jobs: a lower bound)")
     faa = {m: float(np.mean([r["metrics"]["faa"] for r in rs])) for m, rs in res.items() if rs}
     if "finetune" in faa and "joint" in faa:
         lo, hi = faa["finetune"], faa["joint"]
@@ -382,7 +383,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench.py", description="PromptCL-Bench: prompt-based continual learning, compared fairly.")
     parser.add_argument("--out", default="results/demo", help="demo output folder (no subcommand)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="demo seeds (no subcommand)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="demo seeds (no subcommand)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--demo-benchmark", default="auto", choices=["auto", "fashion_mnist", "synthetic"],
                         help="demo benchmark (no subcommand): auto = Fashion-MNIST when its files are there or downloadable")
