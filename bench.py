@@ -325,7 +325,7 @@ def demo_summary(runs: Path, bench: str, seeds: Sequence[int]) -> List[str]:
     tp = (one or {}).get("cost", {}).get("throughput")
     if tp:
         lines.append(f"throughput (img/s): measured at the end of each run on {tp['device']}, {tp['precision']}, "
-                     f"batch {tp['batch_size']} (the machine was shared with other jobs: a lower bound)")
+                     f"batch {tp['batch_size']}")
     faa = {m: float(np.mean([r["metrics"]["faa"] for r in rs])) for m, rs in res.items() if rs}
     if "finetune" in faa and "joint" in faa:
         lo, hi = faa["finetune"], faa["joint"]
