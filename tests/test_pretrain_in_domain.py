@@ -159,3 +159,11 @@ def test_real_pretraining_writes_weights_and_their_description(fashion, monkeypa
     assert any("epoch 1/1 loss" in ln for ln in lines)
     model = build_model("vit_micro_patch8_32")
     load_checkpoint_into(model, path, "timm")  # strict: every key of the micro ViT, nothing else
+
+
+def test_synthetic_benchmark_refuses_a_holdout():
+    from benchmarks.scenarios import build_scenario
+
+    with pytest.raises(ConfigError, match="pretrain_holdout is not available for synthetic"):
+        build_scenario(BenchmarkConfig(name="synthetic", num_classes=4, num_tasks=2, train_per_class=2,
+                                       test_per_class=2, pretrain_holdout=3), 0, 32)

@@ -140,3 +140,21 @@ def test_demo_says_which_benchmark_and_why(tmp_path, monkeypatch):
     root = _fake_fashion(tmp_path / "fm")
     assert bench.demo_benchmark("auto", str(root)) == ("fashion_mnist", f"Fashion-MNIST, because its files are in {root}")
     assert bench.demo_benchmark("synthetic", str(root))[0] == "synthetic"
+
+
+def test_demo_summary_checks_each_prompt_method_against_finetune_and_joint(tmp_path):
+    from methods.registry import list_methods
+
+    faa = {"finetune": (20.0, 30.0), "joint": (80.0, 90.0), "dualprompt": (90.0, 91.0), "l2p": (20.0, 30.0)}
+    tp = {"device": "CPU X (2 logical cores, 1 torch threads)", "precision": "fp32", "batch_size": 32}
+    for m in list_methods():
+        for s, v in zip((0, 1), faa.get(m, (50.0, 60.0))):
+            d = tmp_path / "fashion_mnist" / m / f"seed{s}"
+            d.mkdir(parents=True)
+            (d / "result.json").write_text(json.dumps({"metrics": {"faa": v}, "cost": {"throughput": tp}}))
+    lines = bench.demo_summary(tmp_path, "fashion_mnist", [0, 1])
+    assert lines[0] == "throughput (img/s): measured at the end of each run on CPU X (2 logical cores, 1 torch threads), fp32, batch 32"
+    n = len(list_methods("method"))
+    # means: finetune 25, joint 85; dualprompt 90.5 lies above joint, l2p 25 equals finetune (not strictly above)
+    assert lines[1].startswith(f"mean FAA over seeds 0 1: finetune 25.00 < prompt method < joint 85.00 holds for {n - 2}/{n} methods: ")
+    assert "dualprompt 90.50 (outside)" in lines[1] and "l2p 25.00 (outside)" in lines[1] and "smope 55.00," in lines[1] + ","
