@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """PromptCL-Bench command line.
 
-    python bench.py                      quick demo on CPU: every method + baselines, cost, report
+    python bench.py                      quick demo on CPU: every method + baselines on Fashion-MNIST
+                                         (synthetic when its files are missing), cost, report
     python bench.py list                 methods, baselines, benchmarks, presets, backbones
     python bench.py run -b BENCH -m M1,M2 [--seeds 0 1 2] [--preset paper|quick] [--backbone NAME]
                         [--out runs] [--set key=value ...] [--device cpu|cuda] [--resume]
