@@ -313,10 +313,22 @@ def _hash(rec: dict) -> str:
 
 def pretrain_in_domain(arch: str, images: Callable[[], Tuple[torch.Tensor, torch.Tensor]], rec: dict, out_path: Path,
                        log=print) -> dict:
-    """Supervised pretraining of ``arch`` on the pool ``images()``; saves to ``out_path``."""
+    """Supervised pretraining of ``arch`` on the pool ``images()`` (single-threaded); saves to ``out_path``."""
+    t0, c0 = time.time(), time.process_time()
+    threads = torch.get_num_threads()
+    # One thread: the micro ViT's ops are too small for intra-op threads to pay off, two threads
+    # on a busy 2-core machine stalled (spin-waiting), and one thread makes the weights the same
+    # wherever the suite runs on this CPU type (the cached file's SHA-256 is documented).
+    torch.set_num_threads(1)
+    try:
+        return _pretrain_in_domain(arch, images, rec, out_path, log, t0, c0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain_in_domain(arch: str, images, rec: dict, out_path: Path, log, t0: float, c0: float) -> dict:
     from methods.backbones import build_model
 
-    t0, c0 = time.time(), time.process_time()
     x, y = images()
     g = np.random.default_rng(SEED)
     val = np.zeros(len(y), dtype=bool)
@@ -332,7 +344,7 @@ def pretrain_in_domain(arch: str, images: Callable[[], Tuple[torch.Tensor, torch
     acc = (pred == y[vt]).float().mean().item() * 100
     return _save(model, out_path, {**rec, "recipe_hash": _hash(rec), "val_acc": acc, "val_images": int(vt.sum()),
                                    "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0,
-                                   "torch_threads": torch.get_num_threads()})
+                                   "torch_threads": 1})
 
 
 def pretrained_in_domain_path(arch: str, bcfg, log=None) -> Path:
@@ -349,7 +361,7 @@ def pretrained_in_domain_path(arch: str, bcfg, log=None) -> Path:
     path = cache_dir() / f"{arch}-indomain-{bcfg.name}-{_hash(rec)}.safetensors"
     return _cached(path, lambda say: pretrain_in_domain(arch, images, rec, path, log=say), log,
                    f"pretraining the {arch} backbone in-domain on {ident['images']} held-out {bcfg.name} training images "
-                   f"(once, a few minutes on 2 cores; cached at {path})")
+                   f"(once, about 2 CPU minutes, single-threaded; cached at {path})")
 
 
 def _cached(path: Path, build, log, announce: str) -> Path:
