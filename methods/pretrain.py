@@ -1,4 +1,10 @@
-"""A pretrained backbone at CPU scale: the micro ViT pretrained on disjoint procedural classes.
+"""A pretrained backbone at CPU scale: the micro ViT pretrained by the suite, two ways.
+
+* ``backbone.pretrain: procedural`` (below): on procedural classes disjoint from every task;
+* ``backbone.pretrain: in_domain`` (:func:`pretrained_in_domain_path`): supervised on the
+  benchmark's ``benchmark.pretrain_holdout`` training images per class, which
+  ``benchmarks/datasets.py:finish_splits`` removes from the CL stream (images disjoint from the
+  tasks, classes shared: the papers' ImageNet-21k relation; docs/data.md §6).
 
 Prompt methods only make sense on a pretrained, frozen backbone, and no hub is reachable from a
 CPU test machine. So the suite pretrains its micro ViT itself, supervised, on two families of
