@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """PromptCL-Bench command line.
 
-    python bench.py                      quick demo on CPU: every method + baselines, cost, report
+    python bench.py                      quick demo on CPU: every method + baselines on Fashion-MNIST
+                                         (synthetic when its files are missing), cost, report
     python bench.py list                 methods, baselines, benchmarks, presets, backbones
     python bench.py run -b BENCH -m M1,M2 [--seeds 0 1 2] [--preset paper|quick] [--backbone NAME]
                         [--out runs] [--set key=value ...] [--device cpu|cuda] [--resume]
@@ -101,6 +102,8 @@ def cli_overrides(args: argparse.Namespace) -> dict:
         over["quiet"] = True
     if getattr(args, "no_query_cache", False):
         over["query_cache"] = False
+    if getattr(args, "tensorboard", False):
+        over["tensorboard"] = True
     return deep_merge(over, parse_set(getattr(args, "set", None) or []))
 
 
@@ -170,7 +173,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {p}")
     print("backbones:")
     for n in MICRO_CONFIGS:
-        print(f"  {n:<28} CPU micro ViT (pretrained by the suite on procedural classes)")
+        print(f"  {n:<28} CPU micro ViT, pretrained by the suite (backbone.pretrain: procedural classes, or in_domain: "
+              f"the benchmark's held-out training images)")
     for n in ("vit_base_patch16_224.augreg2_in21k_ft_in1k", "vit_base_patch16_224.augreg_in21k", "any timm vit_* name[.tag]"):
         print(f"  {n}")
     return 0
@@ -277,15 +281,58 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_benchmark(choice: str, data_root: str) -> tuple:
+    """(benchmark, why) for the demo: Fashion-MNIST when its files are there (or downloadable),
+    else the synthetic benchmark; ``why`` is the sentence the demo opens with."""
+    from benchmarks.datasets import FASHION_MNIST_DEBIAN, find_fashion_mnist, offline
+
+    if choice == "synthetic":
+        return "synthetic", "the synthetic benchmark (asked for with --demo-benchmark synthetic)"
+    files = find_fashion_mnist(data_root)
+    if files is None and not offline():
+        try:  # torchvision's download, into <data_root>/FashionMNIST/raw
+            from torchvision.datasets import FashionMNIST
+
+            print(f"demo: Fashion-MNIST is not installed; downloading it into {data_root} ...", flush=True)
+            FashionMNIST(data_root, train=True, download=True)
+            FashionMNIST(data_root, train=False, download=True)
+        except Exception as e:
+            print(f"demo: the download failed ({type(e).__name__})", flush=True)
+        files = find_fashion_mnist(data_root)
+    if files is not None:
+        return "fashion_mnist", f"Fashion-MNIST, because its files are in {files['train_images'].parent}"
+    if choice == "fashion_mnist":
+        raise UsageError(f"--demo-benchmark fashion_mnist: the files are neither in {data_root} nor in {FASHION_MNIST_DEBIAN} "
+                         f"and could not be downloaded; install them with 'apt-get install dataset-fashion-mnist'")
+    how = "downloads are disabled by PROMPTCL_OFFLINE" if offline() else "the download failed"
+    return "synthetic", (f"the synthetic benchmark, because Fashion-MNIST is not installed ({FASHION_MNIST_DEBIAN} is empty: "
+                         f"apt-get install dataset-fashion-mnist) and {how}; its ranking of the methods is not "
+                         f"meaningful (docs/data.md §6)")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The quick demo: every method and baseline on the quick synthetic preset, the ViT-B/16 cost
-    table, then the report. Ends by printing the main table and the path of report.html."""
+    """The quick demo: every method and baseline on Fashion-MNIST (the synthetic benchmark when the
+    files are missing), quick preset, the ViT-B/16 cost table, then the report. Ends by printing
+    the main table, the finetune < prompt method < joint check and the path of report.html."""
+    from benchmarks.config import resolve_config
     from methods.registry import list_methods
     from reports import cli as report_cli
 
     t0 = time.time()
     out = Path(args.out)
-    jobs = [["run", "-b", "synthetic", "-m", m, "--preset", "quick", "--out", str(out / "runs"), "--seeds", str(s), "--quiet"]
+    bench, why = demo_benchmark(args.demo_benchmark, args.data_root)
+    extra = ["--data-root", args.data_root] + (["--set", *args.set] if args.set else [])
+    print(f"demo: {why}", flush=True)
+    # the suite-pretrained backbone is built once here, with every core, before the single-threaded workers
+    cfg = resolve_config("finetune", bench, "quick", cli_overrides(build_parser().parse_args(["run", *extra])))
+    from methods.backbones import create_backbone
+
+    what = (f"pretrained in-domain on {cfg.benchmark.pretrain_holdout:,} {bench} training images per class, held out of "
+            f"the CL stream" if cfg.backbone.pretrain == "in_domain" else "pretrained on procedural classes disjoint from every task")
+    print(f"demo: backbone {cfg.backbone.name}, {what} (methods/pretrain.py; pretrained once, then cached)", flush=True)
+    _, info = create_backbone(cfg.backbone, benchmark=cfg.benchmark)
+    print(f"demo: backbone weights {info.checkpoint}", flush=True)
+    jobs = [["run", "-b", bench, "-m", m, "--preset", "quick", "--out", str(out / "runs"), "--seeds", str(s), "--quiet", *extra]
             for m in demo_order(list_methods()) for s in args.seeds]
     if getattr(args, "precision", None):  # opt-in bf16 autocast on the CPU (docs/speed.md says when it pays)
         jobs = [j + ["--precision", args.precision] for j in jobs]
@@ -325,8 +372,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo finished in {time.time() - t0:.0f}s ({len(list_methods())} methods and baselines, seeds "
           f"{' '.join(map(str, args.seeds))}; report in {rep.seconds:.1f}s)\n")
     print(rep.main_markdown)
+    for line in demo_summary(out / "runs", bench, args.seeds):
+        print(line)
     print(f"report: {rep.html.resolve()}")
     return 0
+
+
+def demo_summary(runs: Path, bench: str, seeds: Sequence[int]) -> List[str]:
+    """Where the throughput was measured, and each prompt method's mean FAA against finetune's
+    and joint's (the ordering the papers show: finetune < prompt method < joint)."""
+    import json
+
+    import numpy as np
+
+    from methods.registry import list_methods
+
+    res = {}
+    for m in list_methods():
+        files = [runs / bench / m / f"seed{s}" / "result.json" for s in seeds]
+        res[m] = [json.loads(f.read_text()) for f in files if f.exists()]
+    lines = []
+    one = next((r[0] for r in res.values() if r), None)
+    tp = (one or {}).get("cost", {}).get("throughput")
+    if tp:
+        lines.append(f"throughput (img/s): measured at the end of each run on {tp['device']}, {tp['precision']}, "
+                     f"batch {tp['batch_size']}")
+    faa = {m: float(np.mean([r["metrics"]["faa"] for r in rs])) for m, rs in res.items() if rs}
+    if "finetune" in faa and "joint" in faa:
+        lo, hi = faa["finetune"], faa["joint"]
+        prompt = [m for m in list_methods("method") if m in faa]  # the registered methods (not baselines)
+        inside = [m for m in prompt if lo < faa[m] < hi]
+        lines.append(f"mean FAA over seeds {' '.join(map(str, seeds))}: finetune {lo:.2f} < prompt method < joint {hi:.2f} "
+                     f"holds for {len(inside)}/{len(prompt)} methods: "
+                     + ", ".join(f"{m} {faa[m]:.2f}{'' if m in inside else ' (outside)'}" for m in prompt))
+    return lines
 
 
 # slowest first, so the last run to finish is a short one (longest-processing-time-first scheduling)
@@ -369,15 +448,22 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="run again even if a result exists")
     p.add_argument("--tag", help="suffix of the method's run folder (method@tag), for variants")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to <run dir>/tensorboard (needs the tensorboard package)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench.py", description="PromptCL-Bench: prompt-based continual learning, compared fairly.")
     parser.add_argument("--out", default="results/demo", help="demo output folder (no subcommand)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="demo seeds (no subcommand)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="demo seeds (no subcommand)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                         help="demo runs' precision (no subcommand; default: the preset's)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--demo-benchmark", default="auto", choices=["auto", "fashion_mnist", "synthetic"],
+                        help="demo benchmark (no subcommand): auto = Fashion-MNIST when its files are there or downloadable")
+    parser.add_argument("--data-root", default="data", help="demo data folder (no subcommand)")
+    parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="demo: config overrides for every run, "
+                        "e.g. backbone.pretrain=procedural")
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("list", help="list methods, baselines, benchmarks, presets, backbones")

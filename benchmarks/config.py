@@ -48,6 +48,9 @@ class BenchmarkConfig:
     val_fraction: float = 0.0  # carve a validation split from train (0: none)
     train_per_class: Optional[int] = None  # synthetic: samples per class
     test_per_class: Optional[int] = None
+    # Training images per class held out of the CL stream (drawn first, seeded by split_seed):
+    # the pool that backbone.pretrain=in_domain pretrains on; never seen by any task (0: none).
+    pretrain_holdout: int = 0
 
 
 @dataclass
@@ -59,6 +62,10 @@ class BackboneConfig:
     checkpoint: Optional[str] = None
     checkpoint_format: str = "auto"  # auto | timm | npz | ibot | dino | mocov3
     drop_path: float = 0.0
+    # What the suite pretrains a micro ViT on (pretrained: synthetic / auto): procedural classes
+    # disjoint from every task, or in_domain: the benchmark's benchmark.pretrain_holdout images
+    # (methods/pretrain.py, docs/data.md §6).
+    pretrain: str = "procedural"  # procedural | in_domain
 
 
 @dataclass
@@ -108,6 +115,7 @@ class RunConfig:
     compile: bool = False
     query_cache: bool = True
     quiet: bool = False
+    tensorboard: bool = False  # also write TensorBoard event files (benchmarks/runlog.py)
 
     def to_dict(self) -> Dict[str, Any]:
         return to_plain(self)

@@ -190,6 +190,18 @@ def per_class_indices(targets: np.ndarray, per_class: Optional[int], seed: int, 
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
 
+def pretrain_holdout_indices(targets: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Positions (sorted) of the training images held out for in-domain pretraining.
+
+    ``per_class`` images of every class (all of a smaller class), drawn like
+    :func:`per_class_indices` under the tag ``pretrain``; :func:`finish_splits` removes exactly
+    these from the CL stream and ``methods/pretrain.py`` trains on exactly these.
+    """
+    if per_class < 0:
+        raise ConfigError(f"benchmark.pretrain_holdout must be 0 or positive, got {per_class}")
+    return per_class_indices(targets, per_class, seed, "pretrain") if per_class else np.zeros(0, dtype=np.int64)
+
+
 def finish_splits(cfg: BenchmarkConfig, train: DatasetSplit, test: DatasetSplit, info: DatasetInfo,
                   train_ids: Sequence[str], test_ids: Sequence[str]) -> Tuple[DatasetSplit, DatasetSplit, DatasetInfo]:
     """Subsample per class and record the image counts and the SHA-256 of the used lists.
@@ -198,8 +210,19 @@ def finish_splits(cfg: BenchmarkConfig, train: DatasetSplit, test: DatasetSplit,
     ``"train/17"`` for in-memory sets); the hash covers the kept samples with their labels.
     """
     out = []
+    rest = np.arange(len(train))
+    if cfg.pretrain_holdout:  # the in-domain pretraining pool leaves the CL stream before subsampling
+        held = pretrain_holdout_indices(train.targets, cfg.pretrain_holdout, cfg.split_seed)
+        rest = np.setdiff1d(rest, held)
+        info.extra["pretrain_holdout_images"] = int(len(held))
+        info.extra["pretrain_holdout_list_sha256"] = list_sha256((train_ids[i], train.targets[i]) for i in held)
     for split, ids, n, key in ((train, train_ids, cfg.train_per_class, "train"), (test, test_ids, cfg.test_per_class, "test")):
-        idx = per_class_indices(split.targets, n, cfg.split_seed, key)
+        if key == "train" and len(rest) < len(train):
+            if len(np.unique(train.targets[rest])) < len(np.unique(train.targets)):
+                raise ConfigError(f"benchmark.pretrain_holdout={cfg.pretrain_holdout} leaves a class without training images")
+            idx = rest[per_class_indices(train.targets[rest], n, cfg.split_seed, key)]
+        else:
+            idx = per_class_indices(split.targets, n, cfg.split_seed, key)
         info.extra[f"{key}_images"] = int(len(idx))
         info.extra[f"{key}_list_sha256"] = list_sha256((ids[i], split.targets[i]) for i in idx)
         out.append(split if len(idx) == len(split) else split.subset(idx))

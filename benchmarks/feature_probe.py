@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.feature_probe -b fashion_mnist --data-root /usr/share/datasets/fashion-mnist \
         [--features backbone|pixels|indomain] [--checkpoint FILE] [--seeds 0 1 2] [--preset quick]
+        [--set backbone.pretrain=procedural]
 
 Before spending CPU hours on a full comparison with a new backbone (``--checkpoint``) or a new
 benchmark, this answers: do the frozen features separate the classes, and does the
@@ -175,7 +176,7 @@ def scenario_features(cfg, features: str = "backbone") -> Tuple[List[Split], Lis
     from benchmarks.scenarios import build_scenario
     from methods.backbones import create_backbone
 
-    backbone, _ = create_backbone(cfg.backbone)
+    backbone, _ = create_backbone(cfg.backbone, benchmark=cfg.benchmark)
     backbone.eval()
     scenario = build_scenario(cfg.benchmark, cfg.seed, backbone.img_size)
     if features == "backbone":
@@ -209,7 +210,7 @@ def probe(cfg, features: str = "backbone") -> Dict[str, float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from bench import EXIT_USAGE, user_errors
-    from benchmarks.config import resolve_config
+    from benchmarks.config import deep_merge, parse_set, resolve_config
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.feature_probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("-b", "--benchmark", required=True)
@@ -219,6 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--features", default="backbone", choices=FEATURES)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
+                    help="config overrides, e.g. backbone.pretrain=procedural (the quick Fashion-MNIST default is in_domain)")
     args = ap.parse_args(argv)
     rows = {}
     try:
@@ -228,7 +231,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 ov["benchmark"]["data_root"] = args.data_root
             if args.checkpoint:
                 ov["backbone"] = {"pretrained": "file", "checkpoint": args.checkpoint}
-            rows[seed] = probe(resolve_config("linear_probe", args.benchmark, args.preset, ov), args.features)
+            cfg = resolve_config("linear_probe", args.benchmark, args.preset, deep_merge(ov, parse_set(args.set)))
+            rows[seed] = probe(cfg, args.features)
     except user_errors() as e:
         print(f"error: {str(e).strip().rstrip('.')}.", file=sys.stderr)
         return EXIT_USAGE
@@ -242,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(rows) > 1:
         table.append(["mean"] + [f"{np.mean([r[k] for r in rows.values()]):.1f}" for k in keys])
     print(f"{args.benchmark}, preset {args.preset}, features {args.features}"
-          + (f" ({args.checkpoint})" if args.checkpoint else ""))
+          + (f" ({args.checkpoint})" if args.checkpoint else "") + (f", {' '.join(args.set)}" if args.set else ""))
     print(tabulate(table, headers=["seed", *keys], tablefmt="github"))
     return 0
 

@@ -314,6 +314,9 @@ class RunContext:
     progress: bool = False
     train_deterministic: bool = False  # the train transform has no randomness
     on_epoch_end: Optional[Callable[..., None]] = None  # checkpoint hook (store / resume)
+    # per-epoch metrics hook (log line, metrics.jsonl, TensorBoard): task, phase, epoch, epochs,
+    # loss (mean over the epoch's steps), last_loss, steps, lr, seconds (of this epoch)
+    on_epoch_metrics: Optional[Callable[..., None]] = None
     # Stop requests (signals): polled after every optimiser step; on_stop saves and raises.
     should_stop: Optional[Callable[[], bool]] = None
     on_stop: Optional[Callable[..., None]] = None
@@ -459,6 +462,7 @@ def train_phase(method: ContinualMethod, run: RunContext, task: Task, phase: Pha
         loader = make_loader(source, bs, True, seed, tcfg, drop_last=drop, device=run.device, shard=shard)
         batches = iter(loader)
         first = start_batch if epoch == start_epoch else 0
+        epoch_t0, epoch_sum, epoch_steps = time.time(), 0.0, 0
         if first:
             # Mid-epoch resume: draw (and discard) the batches already trained on, so the sampler
             # and the loader workers' RNG streams are where they were, then restore the RNG states.
@@ -501,16 +505,22 @@ def train_phase(method: ContinualMethod, run: RunContext, task: Task, phase: Pha
                 all_reduce_grads(dctx, params, contributes=loss is not None)
             if tcfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(params, tcfg.clip_grad)
+            lr_used = float(opt.param_groups[0]["lr"])  # the lr of this step (logged per epoch)
             opt.step()
             sched.step()
             steps += 1
             last = value
+            epoch_sum, epoch_steps = epoch_sum + value, epoch_steps + 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch + 1}/{tcfg.epochs}", loss=f"{last:.3f}")
             if stop and run.on_stop is not None:
                 run.on_stop(task=task, phase_idx=phase_idx, epoch=epoch, batch=b + 1, steps_per_epoch=steps_per_epoch,
                             epochs=tcfg.epochs, optimizer=opt, scheduler=sched)
+        if run.on_epoch_metrics is not None and epoch_steps:
+            run.on_epoch_metrics(task=task, phase=phase.name, epoch=epoch, epochs=tcfg.epochs,
+                                 loss=epoch_sum / epoch_steps, last_loss=last, steps=epoch_steps,
+                                 lr=lr_used, seconds=time.time() - epoch_t0)
         if run.on_epoch_end is not None:
             run.on_epoch_end(task=task, phase_idx=phase_idx, epoch=epoch, epochs=tcfg.epochs,
                              optimizer=opt, scheduler=sched)

@@ -39,6 +39,7 @@ from benchmarks.protocol import (
     rng_state,
     train_phase,
 )
+from benchmarks.runlog import RunMetrics, fmt_elapsed, require_tensorboard, sig4
 from benchmarks.scenarios import Scenario, build_scenario
 from benchmarks.store import CHECKPOINT_FORMAT, DamagedFileError, RunStore, config_hash, now, run_dir, validate_tag
 from methods.backbones import BackboneInfo, create_backbone
@@ -126,7 +127,9 @@ def prepare(cfg: RunConfig, tag: Optional[str] = None) -> Prepared:
     device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device)
     seed_everything(derive_seed(cfg.seed, "init"))
-    backbone, info = create_backbone(cfg.backbone)
+    if cfg.tensorboard:
+        require_tensorboard()  # before any file is written: one sentence, exit status 2
+    backbone, info = create_backbone(cfg.backbone, benchmark=cfg.benchmark)
     scenario = build_scenario(cfg.benchmark, cfg.seed, backbone.img_size)
     if scenario.image_size != backbone.img_size:
         raise ConfigError(f"benchmark.image_size={scenario.image_size} differs from the backbone input size {backbone.img_size}")
@@ -458,14 +461,19 @@ def _run_planned(p: Prepared, plan: RunPlan, dctx: dist_util.DistContext, log_to
                 cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     store.set_status("running", **meta)
 
-    def log(msg: str) -> None:
+    run_t0 = time.time()
+
+    def log(msg: str) -> None:  # every line carries the time elapsed since this process began the run
+        msg = f"{fmt_elapsed(time.time() - run_t0)} {msg}"
         store.log(msg)
         if verbose:
             print(msg, flush=True)
 
+    monitor = RunMetrics(store.path, log, writable=dctx.is_main, tensorboard=cfg.tensorboard)
     run = RunContext(cfg, sc, p.device, p.amp, QueryCache(cfg.query_cache), log=log,
                      progress=verbose and sys.stderr.isatty(),
-                     train_deterministic=cfg.benchmark.train_transform == "none", dist=dctx)
+                     train_deterministic=cfg.benchmark.train_transform == "none", dist=dctx,
+                     on_epoch_metrics=monitor.epoch)
     if p.stale_writer:
         log(f"status.json said running, but {p.stale_writer} no longer holds the folder (it was killed)")
     if ckpt is not None:
@@ -531,7 +539,7 @@ def _run_planned(p: Prepared, plan: RunPlan, dctx: dist_util.DistContext, log_to
                                   rng_state=_rank_rng(ckpt, dctx) if here["batch"] else None)
                     stats = train_phase(method, run, task, phase, i, **kw)
                     log(f"task {t + 1}/{T} phase {phase.name}: {stats['epochs']} epochs, {stats['steps']} steps, "
-                        f"loss {stats['last_loss']}, {stats['seconds']:.1f}s")
+                        f"loss {sig4(stats['last_loss'])}, {stats['seconds']:.1f}s")
                 pos = None
                 timing["train_seconds"].append(time.time() - task_t0[0])
                 t0 = time.time()
@@ -550,7 +558,7 @@ def _run_planned(p: Prepared, plan: RunPlan, dctx: dist_util.DistContext, log_to
                     selection["diagonal"][str(t)] = ev.selection[t].tolist()
                     if t == T - 1:
                         selection["final"] = _hist_to_list(ev.selection)
-                log(f"task {t + 1}/{T} eval: " + " ".join(f"{a:.2f}" for a in ev.acc) + f" | avg {sum(ev.acc) / len(ev.acc):.2f}")
+                monitor.evaluation(t, T, list(ev.acc), seen_acc[-1])
                 checkpoint(t, None)
                 if t < T - 1 and dist_util.any_rank(dctx, stop.requested(), p.device):
                     interrupt(f"after task {t + 1}/{T}")
@@ -560,8 +568,10 @@ def _run_planned(p: Prepared, plan: RunPlan, dctx: dist_util.DistContext, log_to
                 result = {"acc_matrix": acc, "metrics": M.summarize(acc), "config_hash": chash, "rank": dctx.rank}
             store.write_result(result)
             store.set_status("done", finished=now(), **meta)
+            monitor.close()
             return result
         except BaseException as e:
+            monitor.close()  # flushes the TensorBoard events written so far
             if interrupted:
                 raise
             if isinstance(e, KeyboardInterrupt):
@@ -578,6 +588,29 @@ def _run_planned(p: Prepared, plan: RunPlan, dctx: dist_util.DistContext, log_to
                         else f"no checkpoint had been saved yet in {store.path}")
                 raise NonFiniteLossError(f"{e}; the run stopped (status failed) and {kept}") from None
             raise
+
+
+def measured_throughput(p: Prepared, batch_size: int) -> Dict[str, Any]:
+    """Training-step and inference images/s of the trained method, measured here at the end of the
+    run (on a copy, RNG untouched; benchmarks/throughput.py), with the device and precision named.
+
+    The report's throughput columns read these; timing the run's own epochs instead would mix in
+    data loading and the query cache."""
+    from benchmarks.throughput import measure
+
+    try:
+        devices = [torch.cuda.current_device()] if p.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            probe = copy.deepcopy(p.method)
+            tp = measure(probe, p.scenario.tasks[-1], p.device, batch_size=batch_size, amp_dtype=p.amp,
+                         warmup=1, repeats=3, steps=2)
+        del probe
+    except Exception as e:  # a failed measurement must not lose the run's result
+        return {"throughput_error": f"{type(e).__name__}: {e}"}
+    return {"train_img_s": tp.train_img_s, "infer_img_s": tp.infer_img_s,
+            "throughput": {"device": hardware_string(p.device), "precision": tp.precision, "batch_size": tp.batch_size,
+                           "torch_threads": torch.get_num_threads(),
+                           "how": "median of 3 timings of 2 calls after 1 warm-up, end of run, random inputs"}}
 
 
 def build_result(p: Prepared, acc, tii, seen_acc, selection, timing, chash: str, run: RunContext) -> Dict[str, Any]:
@@ -609,7 +642,7 @@ def build_result(p: Prepared, acc, tii, seen_acc, selection, timing, chash: str,
             "method": method.diagnostics(),
             "query_cache": {"hits": run.cache.hits, "misses": run.cache.misses},
         },
-        "cost": run_cost(method, p.scenario),
+        "cost": {**run_cost(method, p.scenario), **measured_throughput(p, cfg.train.batch_size)},
         "timing": {**timing, "total_seconds": sum(sum(v) for v in timing.values())},
         "config": cfg.to_dict(),
         "config_hash": chash,

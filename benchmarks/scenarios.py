@@ -119,6 +119,8 @@ def build_scenario(cfg: BenchmarkConfig, seed: int, image_size: int) -> Scenario
     """Load the data set and split it into ``cfg.num_tasks`` tasks for this seed."""
     image_size = cfg.image_size or image_size
     train, test, info = load_dataset(cfg, image_size)
+    if cfg.pretrain_holdout and "pretrain_holdout_images" not in info.extra:  # the loader has no spare pool
+        raise ConfigError(f"benchmark.pretrain_holdout is not available for {cfg.name} (it renders only the images a run uses)")
     total = info.num_classes
     n_cls = cfg.num_classes or total
     if n_cls > total:

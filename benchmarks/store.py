@@ -6,7 +6,9 @@ Layout: ``<out>/<benchmark>/<method>/seed<k>/`` holding
 * ``status.json``   ``running`` (with host and pid) / ``failed`` (with the error) /
   ``interrupted`` (a stop signal; a checkpoint was saved) / ``done``; a run killed outright
   (SIGKILL, node failure) stays ``running``;
-* ``log.txt``       one line per task / phase / evaluation;
+* ``log.txt``       one line per epoch / task phase / evaluation, with the elapsed time;
+* ``metrics.jsonl`` one JSON object per training epoch and per evaluation (benchmarks/runlog.py);
+  ``tensorboard/`` the same as TensorBoard events with ``--tensorboard``;
 * ``checkpoint.pt`` the state after the last finished task, or mid-task after an epoch
   (``train.checkpoint_every_epochs``) or a stop signal, for ``--resume`` (see runner.py);
 * ``result.json``   written once, at the end, by an atomic rename;
@@ -293,7 +295,7 @@ def from_plain_state(o: Any) -> Any:
 
 def config_hash(cfg: Dict[str, Any]) -> str:
     """Hash of the settings that define a run's outcome (not device, quiet, ...)."""
-    ignore = {"device", "quiet", "compile", "query_cache"}
+    ignore = {"device", "quiet", "compile", "query_cache", "tensorboard"}
     core = {k: v for k, v in cfg.items() if k not in ignore}
     if isinstance(core.get("train"), dict):
         core["train"] = {k: v for k, v in core["train"].items() if k not in ("num_workers", "eval_batch_size", "checkpoint_every_epochs")}

@@ -10,8 +10,9 @@ Weight sources (``backbone.pretrained``):
   local cache); fails with one sentence when neither is reachable, never falls back to random;
 * ``file``: ``backbone.checkpoint``, loaded strictly in ``backbone.checkpoint_format``
   (timm / npz / ibot / dino / mocov3, or auto-detected; ``methods/checkpoints.py``);
-* ``synthetic``: the micro ViT pretrained by the suite on procedural classes disjoint from every
-  CL task (``methods/pretrain.py``), cached on disk;
+* ``synthetic``: the micro ViT pretrained by the suite (``methods/pretrain.py``), cached on disk:
+  on procedural classes disjoint from every CL task (``backbone.pretrain: procedural``) or on the
+  benchmark's held-out training images (``backbone.pretrain: in_domain``);
 * ``none``: random initialisation (seeded), for tests;
 * ``auto``: ``synthetic`` for the micro ViT, ``file`` when a checkpoint is given, else ``timm``.
 """
@@ -170,8 +171,12 @@ def resolve_source(cfg: BackboneConfig) -> str:
     return "synthetic" if arch in MICRO_CONFIGS else "timm"
 
 
-def create_backbone(cfg: BackboneConfig, init_seed: int = 0) -> Tuple[PromptedViT, BackboneInfo]:
-    """Build the frozen PromptedViT described by ``cfg`` and record where its weights came from."""
+def create_backbone(cfg: BackboneConfig, init_seed: int = 0, benchmark: Optional[Any] = None) -> Tuple[PromptedViT, BackboneInfo]:
+    """Build the frozen PromptedViT described by ``cfg`` and record where its weights came from.
+
+    ``benchmark`` (a BenchmarkConfig) is needed for ``backbone.pretrain=in_domain``: the micro
+    ViT is then pretrained on that benchmark's held-out training images.
+    """
     arch, tag = split_name(cfg.name)
     source = resolve_source(cfg)
     checkpoint: Optional[str] = None
@@ -179,6 +184,10 @@ def create_backbone(cfg: BackboneConfig, init_seed: int = 0) -> Tuple[PromptedVi
     ckpt_format: Optional[str] = None
     if source == "synthetic" and arch not in MICRO_CONFIGS:
         raise ConfigError(f"backbone.pretrained=synthetic is only available for {', '.join(MICRO_CONFIGS)}")
+    if cfg.pretrain not in ("procedural", "in_domain"):
+        raise ConfigError(f"unknown backbone.pretrain '{cfg.pretrain}'; choose procedural or in_domain")
+    if source == "synthetic" and cfg.pretrain == "in_domain" and benchmark is None:
+        raise ConfigError("backbone.pretrain=in_domain needs the benchmark whose held-out images it pretrains on")
     if source == "file" and not cfg.checkpoint:
         raise ConfigError("backbone.pretrained=file needs --checkpoint PATH")
     with torch.random.fork_rng(devices=[]):
@@ -201,11 +210,14 @@ def create_backbone(cfg: BackboneConfig, init_seed: int = 0) -> Tuple[PromptedVi
         checkpoint, sha = str(path), sha256_file(path)
     elif source == "synthetic":
         from methods.checkpoints import load_checkpoint_into
-        from methods.pretrain import pretrained_micro_path
+        from methods.pretrain import pretrained_in_domain_path, pretrained_micro_path
 
-        path = pretrained_micro_path(arch)
+        if cfg.pretrain == "in_domain":
+            path, tag = pretrained_in_domain_path(arch, benchmark), f"in_domain_pretrain:{benchmark.name}"
+        else:
+            path, tag = pretrained_micro_path(arch), "synthetic_pretrain"
         load_checkpoint_into(model, path, "timm")
-        checkpoint, sha, tag = str(path), sha256_file(path), "synthetic_pretrain"
+        checkpoint, sha = str(path), sha256_file(path)
     backbone = PromptedViT(model)
     info = BackboneInfo(
         name=cfg.name,

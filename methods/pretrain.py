@@ -1,4 +1,10 @@
-"""A pretrained backbone at CPU scale: the micro ViT pretrained on disjoint procedural classes.
+"""A pretrained backbone at CPU scale: the micro ViT pretrained by the suite, two ways.
+
+* ``backbone.pretrain: procedural`` (below): on procedural classes disjoint from every task;
+* ``backbone.pretrain: in_domain`` (:func:`pretrained_in_domain_path`): supervised on the
+  benchmark's ``benchmark.pretrain_holdout`` training images per class, which
+  ``benchmarks/datasets.py:finish_splits`` removes from the CL stream (images disjoint from the
+  tasks, classes shared: the papers' ImageNet-21k relation; docs/data.md §6).
 
 Prompt methods only make sense on a pretrained, frozen backbone, and no hub is reachable from a
 CPU test machine. So the suite pretrains its micro ViT itself, supervised, on two families of
@@ -32,7 +38,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Tuple
+from typing import Callable, Tuple
 
 import numpy as np
 import torch
@@ -187,27 +193,19 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
-def pretrain_micro(arch: str, out_path: Path, log=print) -> dict:
-    """Pretrain ``arch`` (a micro config) on the procedural classes and save it to ``out_path``."""
-    from methods.backbones import build_model
-
-    from safetensors.torch import save_file
-
-    t0 = time.time()
-    torch.manual_seed(SEED)
-    model = build_model(arch)
-    size = model.patch_embed.img_size[0]
-    x, y = make_pretrain_data(PER_CLASS, size, "train")
-    xv, yv = make_pretrain_data(10, size, "val")
-    x, xv = x.float() / 255, xv.float() / 255
-    head = nn.Linear(model.embed_dim, PRETRAIN_CLASSES)
+def _train_supervised(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int,
+                      log, name: str, seed: int = SEED) -> nn.Linear:
+    """AdamW + one-cycle, label smoothing 0.1, :func:`_augment` batches (float x in [0,1]);
+    returns the classification head (used for the validation accuracy, never saved)."""
+    head = nn.Linear(model.embed_dim, num_classes)
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
-    steps = EPOCHS * math.ceil(len(x) / BATCH)
+    steps = epochs * math.ceil(len(x) / BATCH)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(SEED)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
     model.train()
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), BATCH):
             idx = perm[i : i + BATCH]
@@ -217,52 +215,185 @@ def pretrain_micro(arch: str, out_path: Path, log=print) -> dict:
             loss.backward()
             opt.step()
             sched.step()
-        log(f"pretrain {arch}: epoch {epoch + 1}/{EPOCHS} loss {loss.item():.3f}")
+        log(f"pretrain {name}: epoch {epoch + 1}/{epochs} loss {loss.item():.4g} ({time.time() - t0:.0f}s)")
     model.eval()
-    with torch.no_grad():
-        pred = head(model(xv)).argmax(1)
-    acc = (pred == yv).float().mean().item() * 100
-    acc_shapes = (pred == yv)[yv >= TEXTURE_CLASSES].float().mean().item() * 100 if SHAPE_CLASSES else None
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(f".{os.getpid()}.tmp")  # unique: two processes may race here
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, out_path)
-    meta = {
-        "arch": arch,
-        **recipe(),
-        "recipe_hash": recipe_hash(),
-        "val_acc": acc,
-        "val_acc_shapes": acc_shapes,
-        "seconds": time.time() - t0,
-        "torch": torch.__version__,
-    }
+    return head
+
+
+def _save(model: nn.Module, out_path: Path, meta: dict) -> dict:
+    """Write the weights and ``<name>.json`` (meta + SHA-256) atomically; returns the meta."""
+    from safetensors.torch import save_file
+
     from methods.backbones import sha256_file
 
-    meta["sha256"] = sha256_file(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(f".{os.getpid()}.tmp")  # unique: two processes may race here
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    os.replace(tmp, out_path)
+    meta = {**meta, "sha256": sha256_file(out_path), "torch": torch.__version__}
     tmpj = out_path.with_suffix(f".{os.getpid()}.json.tmp")
     tmpj.write_text(json.dumps(meta, indent=1))
     os.replace(tmpj, out_path.with_suffix(".json"))
     return meta
 
 
-def pretrained_micro_path(arch: str, log=None) -> Path:
-    """Path of the cached pretrained micro ViT, pretraining it first when missing.
+def pretrain_micro(arch: str, out_path: Path, log=print) -> dict:
+    """Pretrain ``arch`` (a micro config) on the procedural classes and save it to ``out_path``."""
+    from methods.backbones import build_model
 
-    The file name carries the version and the recipe hash, so a changed setting never reuses
-    stale weights. A lock file serialises concurrent callers: the second one waits and then
-    reads the first one's result instead of pretraining again.
+    t0 = time.time()
+    torch.manual_seed(SEED)
+    model = build_model(arch)
+    size = model.patch_embed.img_size[0]
+    x, y = make_pretrain_data(PER_CLASS, size, "train")
+    xv, yv = make_pretrain_data(10, size, "val")
+    x, xv = x.float() / 255, xv.float() / 255
+    head = _train_supervised(model, x, y, PRETRAIN_CLASSES, EPOCHS, log, arch)
+    with torch.no_grad():
+        pred = head(model(xv)).argmax(1)
+    acc = (pred == yv).float().mean().item() * 100
+    acc_shapes = (pred == yv)[yv >= TEXTURE_CLASSES].float().mean().item() * 100 if SHAPE_CLASSES else None
+    return _save(model, out_path, {"arch": arch, **recipe(), "recipe_hash": recipe_hash(), "val_acc": acc,
+                                   "val_acc_shapes": acc_shapes, "seconds": time.time() - t0})
+
+
+# --- in-domain pretraining ---------------------------------------------------------------
+# The papers' setting at CPU scale: the backbone is pretrained, supervised, on images of the CL
+# data set's domain that the CL stream never sees (ImageNet-21k for CIFAR-100 / ImageNet-R: other
+# images, overlapping classes). Here: the benchmark.pretrain_holdout images per class that
+# benchmarks/datasets.py:finish_splits removes from the training split before the CL subsample.
+IN_DOMAIN_VERSION = 1
+IN_DOMAIN_EPOCHS = 6
+IN_DOMAIN_VAL = 0.05  # share of the pool (per class, seeded) kept for the reported val accuracy
+
+
+def in_domain_pool(bcfg, image_size: int) -> Tuple[Callable[[], Tuple[torch.Tensor, torch.Tensor]], dict]:
+    """The held-out pool of ``bcfg``: (a function giving (float images, labels), its identity).
+
+    Exactly the positions :func:`benchmarks.datasets.pretrain_holdout_indices` returns on the full
+    training split, i.e. the ones :func:`benchmarks.datasets.finish_splits` excludes from the CL
+    stream, after the scenario's test transform (resize to the input size, [0,1], ``normalize``).
+    Labels are the data set's own class ids (0..C-1). The images are only decoded when the
+    function is called (a cached backbone needs only the identity).
     """
+    import dataclasses
+
+    from benchmarks.config import ConfigError
+    from benchmarks.datasets import build_transform, list_sha256, load_dataset, pretrain_holdout_indices
+
+    if bcfg.name == "synthetic":
+        raise ConfigError("backbone.pretrain=in_domain needs a real data set (the synthetic benchmark has no held-out "
+                          "training images); use backbone.pretrain=procedural")
+    if bcfg.pretrain_holdout <= 0:
+        raise ConfigError("backbone.pretrain=in_domain needs benchmark.pretrain_holdout > 0 (training images per class "
+                          "held out of the CL stream for pretraining)")
+    size = bcfg.image_size or image_size
+    full_cfg = dataclasses.replace(bcfg, train_per_class=None, test_per_class=1, pretrain_holdout=0)
+    train, _, info = load_dataset(full_cfg, size)
+    held = pretrain_holdout_indices(train.targets, bcfg.pretrain_holdout, bcfg.split_seed)
+    tf = build_transform(full_cfg, size, info.native_size, train=False)
+
+    def images() -> Tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([tf(torch.stack([train.load(int(i)) for i in held[j : j + 2048]])) for j in range(0, len(held), 2048)])
+        return x, torch.as_tensor(train.targets[held], dtype=torch.long)
+
+    ident = {"benchmark": bcfg.name, "holdout_per_class": bcfg.pretrain_holdout, "split_seed": bcfg.split_seed,
+             "images": int(len(held)), "image_size": size, "normalize": bcfg.normalize,
+             "test_transform": bcfg.test_transform, "num_classes": info.num_classes,
+             "pool_list_sha256": list_sha256((f"train/{i}", train.targets[i]) for i in held),
+             "content_sha256": info.extra.get("content_sha256")}
+    return images, ident
+
+
+def in_domain_recipe(arch: str, ident: dict) -> dict:
+    """Every setting that determines the in-domain weights, the pool's identity included."""
+    return {"kind": "in_domain", "version": IN_DOMAIN_VERSION, "arch": arch, **ident, "epochs": IN_DOMAIN_EPOCHS,
+            "batch": BATCH, "lr": LR, "weight_decay": WEIGHT_DECAY, "gray_p": GRAY_P, "val_fraction": IN_DOMAIN_VAL,
+            "seed": SEED}
+
+
+def _hash(rec: dict) -> str:
+    return hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def pretrain_in_domain(arch: str, images: Callable[[], Tuple[torch.Tensor, torch.Tensor]], rec: dict, out_path: Path,
+                       log=print) -> dict:
+    """Supervised pretraining of ``arch`` on the pool ``images()`` (single-threaded); saves to ``out_path``."""
+    t0, c0 = time.time(), time.process_time()
+    threads = torch.get_num_threads()
+    # One thread: the micro ViT's ops are too small for intra-op threads to pay off, two threads
+    # on a busy 2-core machine stalled (spin-waiting), and one thread makes the weights the same
+    # wherever the suite runs on this CPU type (the cached file's SHA-256 is documented).
+    torch.set_num_threads(1)
+    try:
+        return _pretrain_in_domain(arch, images, rec, out_path, log, t0, c0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain_in_domain(arch: str, images, rec: dict, out_path: Path, log, t0: float, c0: float) -> dict:
+    from methods.backbones import build_model
+
+    x, y = images()
+    g = np.random.default_rng(SEED)
+    val = np.zeros(len(y), dtype=bool)
+    for c in torch.unique(y).tolist():  # per-class seeded validation share
+        idx = np.flatnonzero(y.numpy() == c)
+        val[g.choice(idx, max(1, int(round(len(idx) * rec["val_fraction"]))), replace=False)] = True
+    vt = torch.from_numpy(val)
+    torch.manual_seed(SEED)
+    model = build_model(arch)
+    head = _train_supervised(model, x[~vt], y[~vt], int(rec["num_classes"]), rec["epochs"], log, f"{arch} in-domain")
+    with torch.no_grad():
+        pred = torch.cat([head(model(x[vt][i : i + 512])).argmax(1) for i in range(0, int(vt.sum()), 512)])
+    acc = (pred == y[vt]).float().mean().item() * 100
+    return _save(model, out_path, {**rec, "recipe_hash": _hash(rec), "val_acc": acc, "val_images": int(vt.sum()),
+                                   "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0,
+                                   "torch_threads": 1})
+
+
+def pretrained_in_domain_path(arch: str, bcfg, log=None) -> Path:
+    """Path of the cached in-domain micro ViT for benchmark config ``bcfg`` (pretrained when missing).
+
+    Cached as ``<cache>/<arch>-indomain-<benchmark>-<recipe hash>.safetensors``; the recipe
+    covers the pool (its positions, labels and the data set's content hash) and every training
+    setting, so another holdout, split seed, image size or data file never reuses stale weights.
+    """
+    from methods.backbones import MICRO_CONFIGS
+
+    images, ident = in_domain_pool(bcfg, MICRO_CONFIGS[arch]["img_size"])
+    rec = in_domain_recipe(arch, ident)
+    path = cache_dir() / f"{arch}-indomain-{bcfg.name}-{_hash(rec)}.safetensors"
+    return _cached(path, lambda say: pretrain_in_domain(arch, images, rec, path, log=say), log,
+                   f"pretraining the {arch} backbone in-domain on {ident['images']} held-out {bcfg.name} training images "
+                   f"(once, about 2 CPU minutes, single-threaded; cached at {path})")
+
+
+def _cached(path: Path, build, log, announce: str) -> Path:
+    """``path`` when it exists, else ``build(log)`` under a lock file (concurrent callers wait
+    for the first one and then read its result instead of pretraining again)."""
     import fcntl
     import sys
 
-    path = cache_dir() / f"{arch}-synthetic-v{VERSION}-{recipe_hash()}.safetensors"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
-            say = log or (lambda m: print(m, file=sys.stderr))
-            say(f"pretraining the {arch} backbone on procedural classes (once, about 2 minutes on 2 cores; cached at {path})")
-            pretrain_micro(arch, path, log=say)
+            say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+            say(announce)
+            build(say)
     return path
+
+
+def pretrained_micro_path(arch: str, log=None) -> Path:
+    """Path of the cached procedurally pretrained micro ViT, pretraining it first when missing.
+
+    The file name carries the version and the recipe hash, so a changed setting never reuses
+    stale weights (locking: :func:`_cached`).
+    """
+    path = cache_dir() / f"{arch}-synthetic-v{VERSION}-{recipe_hash()}.safetensors"
+    return _cached(path, lambda say: pretrain_micro(arch, path, log=say), log,
+                   f"pretraining the {arch} backbone on procedural classes (once, about 2 minutes on 2 cores; cached at {path})")
