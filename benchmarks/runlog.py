@@ -54,8 +54,10 @@ class RunMetrics:
     """Writes ``metrics.jsonl`` (and TensorBoard events) for one run; no-op when not ``writable``."""
 
     def __init__(self, run_path: Path, log, writable: bool = True, tensorboard: bool = False,
-                 writer_class: Any = None) -> None:
+                 writer_class: Any = None, fresh: bool = False) -> None:
         self.path = Path(run_path) / "metrics.jsonl"
+        if writable and fresh:  # a new or overwritten run starts its own file; a resumed run appends
+            self.path.unlink(missing_ok=True)
         self.log = log
         self.writable = writable
         self.t0 = time.time()
@@ -71,9 +73,10 @@ class RunMetrics:
     def _write(self, row: Dict[str, Any]) -> None:
         if not self.writable:
             return
+        from benchmarks.store import append_line
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.path, json.dumps(row))
 
     def epoch(self, task, phase: str, epoch: int, epochs: int, loss: float, last_loss: float, steps: int,
               lr: float, seconds: float) -> None:

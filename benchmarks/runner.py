@@ -469,7 +469,7 @@ def _run_planned(p: Prepared, plan: RunPlan, dctx: dist_util.DistContext, log_to
         if verbose:
             print(msg, flush=True)
 
-    monitor = RunMetrics(store.path, log, writable=dctx.is_main, tensorboard=cfg.tensorboard)
+    monitor = RunMetrics(store.path, log, writable=dctx.is_main, tensorboard=cfg.tensorboard, fresh=ckpt is None)
     run = RunContext(cfg, sc, p.device, p.amp, QueryCache(cfg.query_cache), log=log,
                      progress=verbose and sys.stderr.isatty(),
                      train_deterministic=cfg.benchmark.train_transform == "none", dist=dctx,

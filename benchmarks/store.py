@@ -306,6 +306,29 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+
+def append_line(p: Path, line: str) -> None:
+    """Append ``line`` and a newline to the run file ``p`` (log.txt, metrics.jsonl).
+
+    O_NOFOLLOW: a file planted as a symlink is refused, never written through; created with the
+    user's umask mode like every other output; a full disk is one sentence.
+    """
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode())
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StoreError(f"{p} is a symbolic link; the suite does not write through links (remove it)") from None
+        if is_disk_full(e):
+            raise disk_full_error(p) from None
+        raise
+    try:
+        with os.fdopen(fd, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(p) from None
+        raise
+
 class RunStore:
     """One run directory. ``writable=False`` (data-parallel ranks > 0): every write is a no-op."""
 
@@ -464,23 +487,7 @@ class RunStore:
         if not self.writable:
             return
         self.create()
-        p = self.path / "log.txt"
-        try:
-            # O_NOFOLLOW: a log.txt planted as a symlink is refused, never written through
-            fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode())
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise StoreError(f"{p} is a symbolic link; the suite does not write through links (remove it)") from None
-            if is_disk_full(e):
-                raise disk_full_error(p) from None
-            raise
-        try:
-            with os.fdopen(fd, "a") as f:
-                f.write(f"{now()} {msg}\n")
-        except OSError as e:
-            if is_disk_full(e):
-                raise disk_full_error(p) from None
-            raise
+        append_line(self.path / "log.txt", f"{now()} {msg}")
 
     def save_checkpoint(self, state: Dict[str, Any]) -> None:
         if self.writable:
