@@ -673,8 +673,16 @@ def record_markdown(record: Dict[str, Any]) -> str:
     head = [f"`{record['command']}`" if record.get("command") else "",
             f"Reference: `{record['repo']}` @ `{record.get('commit') or 'unknown'}`; run {record['date']}, "
             f"torch {record['torch']}, batch {record['batch']}, seed {record['seed']}, {record['seconds']} s.",
+            _suite_line(record.get("suite")),
             f"**{c[PASS]} PASS, {c[DEVIATION]} DEVIATION, {c[FAIL]} FAIL**", ""]
     return "\n\n".join(h for h in head if h) + "\n\n" + markdown_table(rows, links=True)
+
+
+def _suite_line(suite: Optional[Dict[str, Any]]) -> str:
+    """Which commit of this project ran (``runner.git_commit`` at the start of the run)."""
+    if not suite or not suite.get("commit"):
+        return ""
+    return f"Suite: commit `{suite['commit']}`{' (with uncommitted changes)' if suite.get('dirty') else ''}."
 
 
 def summary(rows: List[Row]) -> Dict[str, int]:
@@ -733,6 +741,9 @@ def run(a: argparse.Namespace) -> int:
         print(f"error: {str(e).rstrip('.')}.", file=sys.stderr)
         return 2
     torch.set_num_threads(a.threads)
+    from benchmarks.runner import git_commit
+
+    suite = git_commit()  # before anything runs: the code the numbers come from
     log = lambda s: print(f"  [{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     rows: List[Row] = []
     sys.path.insert(0, os.path.abspath(a.ref))
@@ -749,7 +760,7 @@ def run(a: argparse.Namespace) -> int:
     print(f"\n{counts[PASS]} PASS, {counts[DEVIATION]} DEVIATION, {counts[FAIL]} FAIL")
     if a.json:
         command = "bench.py parity " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["parity"] else sys.argv[1:])
-        record = {"method": a.method, "repo": adapter.repo, "command": command, "ref": os.path.abspath(a.ref), "commit": a.ref_commit or ref_commit(a.ref),
+        record = {"method": a.method, "repo": adapter.repo, "command": command, "ref": os.path.abspath(a.ref), "commit": a.ref_commit or ref_commit(a.ref), "suite": suite,
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "batch": a.batch, "seed": a.seed,
                   "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
                   "cases": [c.label for c in cases], "summary": counts,
