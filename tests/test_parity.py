@@ -255,6 +255,25 @@ def test_markdown_folds_passing_rows_and_keeps_failures():
     assert "| c | lr | d | 0.001 | 2e-12 | **FAIL** |" in text
 
 
+def test_record_markdown_names_reference_and_suite_commits_and_counts():
+    from benchmarks.parity import record_markdown
+
+    rows = [Row("c", "init", "a", 0.5, 1, PASS), Row("c", "lr", "a", 1e-3, 2e-12, FAIL),
+            Row("c", "step", "a", 1.0, 1e-6, DEVIATION, "docs/methods-x.md#y")]
+    rec = {"command": "bench.py parity x --ref R", "repo": "o/n", "commit": "abc", "date": "2026-12-05 15:00 UTC",
+           "torch": "2", "batch": 2, "seed": 0, "seconds": 1.5, "summary": {PASS: 1, DEVIATION: 1, FAIL: 1},
+           "rows": [r.__dict__ for r in rows], "suite": {"commit": "def", "dirty": True}}
+    text = record_markdown(rec)
+    assert "Reference: `o/n` @ `abc`; run 2026-12-05 15:00 UTC" in text
+    assert "Suite: commit `def` (with uncommitted changes)." in text
+    assert "**1 PASS, 1 DEVIATION, 1 FAIL**" in text
+    assert "[docs/methods-x.md#y](methods-x.md#y)" in text  # links relative to docs/
+    rec["suite"] = {"commit": "def", "dirty": False}
+    assert "Suite: commit `def`." in record_markdown(rec)
+    del rec["suite"]  # records written before the field: no suite line
+    assert "Suite:" not in record_markdown(rec)
+
+
 def test_our_side_against_itself_passes_and_sees_a_changed_head_init(micro_backbone, tiny_config):
     """OurSide on the real L2P code (micro ViT): two builds agree on every check; a head
     initialised like timm's on one side is caught by the init check alone."""
