@@ -372,3 +372,37 @@ def test_smope_expert_tensors_map_to_layer_head_expert():
     assert torch.equal(mapped["values"][1, 0, 2], theirs["prompt.e_pv_1_2_0"][0])
     back = to_theirs(mapped)
     assert set(back) == set(theirs) and all(torch.equal(back[n], theirs[n]) for n in theirs)
+
+
+def _doc_anchors(path: Path) -> set:
+    """GitHub's heading anchors of a markdown file: lower case, punctuation dropped, spaces to '-'."""
+    import re
+
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in (re.match(r"^#+\s+(.*)", line) for line in path.read_text().splitlines()) if m}
+
+
+def test_every_deviation_links_a_docs_heading_and_has_a_case_without_it():
+    """A DEVIATION row must link a paragraph that exists, and a documented option the preset
+    leaves off must be compared once more with the option set and nothing excused, so that a real
+    difference cannot hide behind the documented one."""
+    from benchmarks.parity import load_adapters
+
+    for method, adapters in load_adapters().items():
+        for adapter in adapters:
+            cases = adapter.cases()
+            for case in cases:
+                for glob, doc in {**adapter.deviations, **case.deviations}.items():
+                    target = doc.split()[0]
+                    file, _, anchor = target.partition("#")
+                    assert (ROOT / file).is_file(), (method, case.label, glob, doc)
+                    assert anchor in _doc_anchors(ROOT / file), (method, case.label, glob, doc)
+                if case.deviations:
+                    twins = [c for c in cases if c.preset == case.preset and c.benchmark == case.benchmark
+                             and c.overrides and not c.deviations and not adapter.deviations]
+                    assert twins, (method, adapter.repo, case.label)
+    # NoRGa: per script, the preset (reshape off: downstream rows excused) and reshape_quirk=true
+    norga = load_adapters()["norga"][0].cases()
+    assert [(c.benchmark, c.overrides) for c in norga] == [
+        (b, o) for b in ("cifar100", "imagenet_r", "cub200") for o in ({}, {"method": {"reshape_quirk": True}})]
+    assert sorted(norga[0].deviations) == ["grad", "logits/*", "loss/*", "step"] and not norga[1].deviations
