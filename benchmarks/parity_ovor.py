@@ -83,6 +83,8 @@ class _Logger:
 class OVORSide(Side):
     """Their OnePrompt model and NormalNN loop (see the module docstring)."""
 
+    boundary_trained = ("head.weight", "head.bias")  # the VOR epochs of task 0 train the head
+
     def __init__(self, ref_dir: str, vit: nn.Module, ours: Any, dataset: str, epochs: List[int]) -> None:
         import timm.models
 

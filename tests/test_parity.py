@@ -198,6 +198,38 @@ def test_boundary_reinit_and_drop_last_are_detected():
     assert row.max_abs == 1.0  # ceil(5003/16) = 313 against 5003 // 16 = 312
 
 
+class BoundaryTrained(StandIn):
+    """Trains the bias at the boundary: one gradient step of lr on ½|b − target|² (target 1..C),
+    so from b = 0 the bias after the boundary is exactly lr · target."""
+
+    def __init__(self, boundary_lr: float, declare: bool = True, **kw) -> None:
+        super().__init__(**kw)
+        self.boundary_lr = boundary_lr
+        self.boundary_trained = ("head.bias",) if declare else ()
+
+    def start_task(self, t: int, prev: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+        super().start_task(t, prev)
+        if t > 0:
+            with torch.no_grad():
+                self.b -= self.boundary_lr * (self.b - torch.arange(1.0, C + 1))
+
+
+def test_tensors_trained_at_the_boundary_are_compared_by_value():
+    same = check(BoundaryTrained(0.1), BoundaryTrained(0.1))
+    assert failing(same) == [] and [r.tensor for r in by_check(same)["boundary/trained"]] == ["head.bias"]
+    # lr 0.1 against 0.105: the biases differ by 0.005 · 4 = 0.02; the allowance is
+    # 1e-6 + 1e-4 · 0.42 + 1 % of the reference's change (0.42)
+    rows = check(BoundaryTrained(0.1), BoundaryTrained(0.105))
+    assert failing(rows) == ["boundary/trained"]
+    [row] = by_check(rows)["boundary/trained"]
+    assert row.max_abs == pytest.approx(0.02, rel=1e-5)
+    assert row.tol == pytest.approx(1e-6 + 1e-4 * 0.42 + 0.01 * 0.42, rel=1e-5)
+    # undeclared, the same difference looks like a re-draw: 4 values, std ratio 1.05, and passes
+    rows = check(BoundaryTrained(0.1), BoundaryTrained(0.105, declare=False))
+    assert failing(rows) == [] and "boundary/trained" not in by_check(rows)
+    assert [r.tensor for r in by_check(rows)["boundary/redrawn"]] == ["head.bias"]
+
+
 def test_documented_difference_is_a_deviation_with_its_link():
     link = "docs/methods-x.md#test-time-resize"
     rows = check(StandIn(), StandIn(interp=T.InterpolationMode.BILINEAR), {"transform/*": link})
