@@ -236,6 +236,9 @@ class Side:
 
     init: Dict[str, Tensor]
     image_size: int = 224  # input size of the compared batch (ViT-B/16: 224)
+    # tensors the task boundary *trains* (e.g. OVOR's head in the outlier epochs): compared by
+    # value after the boundary (``boundary/trained``), never filed as re-drawn (by distribution)
+    boundary_trained: Tuple[str, ...] = ()
 
     def tensors(self) -> Dict[str, Tensor]:
         """Current values of the method's own tensors (prompts, keys, heads, ...), by our names."""
@@ -553,12 +556,15 @@ def run_sides(case: str, ours: Side, ref: Side, num_classes: int, num_tasks: int
     changed = lambda b, a: {n: (a[n] != b[n]).double().mean() for n in a if n in b and a[n].shape == b[n].shape}  # noqa: E731
     ch_o, ch_r = changed(before_o, after_o), changed(before_r, after_r)
     rows += compare_tensors(case, "boundary/changed", ch_o, ch_r, deviations, "boundary")
+    trained = {n for n in ref.boundary_trained if n in after_o and n in after_r}
     redrawn = {n for n in ch_o if n in ch_r and float(ch_o[n]) > 0 and float(ch_r[n]) > 0
-               and not torch.equal(after_o[n], after_r[n])}
+               and not torch.equal(after_o[n], after_r[n])} - trained
     # elements both sides re-draw at the boundary: their distributions (as init); every other
     # element: its value
     fresh_o, fresh_r, kept_o, kept_r = {}, {}, {}, {}
     for n in after_o:
+        if n in trained:
+            continue
         if n not in after_r:
             kept_o[n] = after_o[n]
         elif n in redrawn:
@@ -571,6 +577,11 @@ def run_sides(case: str, ours: Side, ref: Side, num_classes: int, num_tasks: int
     kept_r.update({n: v for n, v in after_r.items() if n not in after_o})
     rows += compare_init(case, fresh_o, fresh_r, deviations, check="boundary/redrawn")
     rows += compare_tensors(case, "boundary/values", kept_o, kept_r, deviations, "boundary")
+    # trained at the boundary: by value, allowing 1 % of the reference's largest change (several
+    # epochs of fp32 training with other kernels; a wrong lr, loss or data moves it by far more)
+    moved = {n: 0.01 * float((after_r[n] - before_r[n]).abs().max()) for n in trained}
+    rows += compare_tensors(case, "boundary/trained", {n: after_o[n] for n in trained},
+                            {n: after_r[n] for n in trained}, deviations, "boundary", extra_tol=moved)
     st_o, st_r = ours.boundary_state(), ref.boundary_state()
     # which tensors the optimiser trains, for the tensors the reference side can say it of (CODA's
     # and HiDe's optimisers hold every task's slots in one tensor or list, and the forward detaches
@@ -673,8 +684,16 @@ def record_markdown(record: Dict[str, Any]) -> str:
     head = [f"`{record['command']}`" if record.get("command") else "",
             f"Reference: `{record['repo']}` @ `{record.get('commit') or 'unknown'}`; run {record['date']}, "
             f"torch {record['torch']}, batch {record['batch']}, seed {record['seed']}, {record['seconds']} s.",
+            _suite_line(record.get("suite")),
             f"**{c[PASS]} PASS, {c[DEVIATION]} DEVIATION, {c[FAIL]} FAIL**", ""]
     return "\n\n".join(h for h in head if h) + "\n\n" + markdown_table(rows, links=True)
+
+
+def _suite_line(suite: Optional[Dict[str, Any]]) -> str:
+    """Which commit of this project ran (``runner.git_commit`` at the start of the run)."""
+    if not suite or not suite.get("commit"):
+        return ""
+    return f"Suite: commit `{suite['commit']}`{' (with uncommitted changes)' if suite.get('dirty') else ''}."
 
 
 def summary(rows: List[Row]) -> Dict[str, int]:
@@ -733,6 +752,9 @@ def run(a: argparse.Namespace) -> int:
         print(f"error: {str(e).rstrip('.')}.", file=sys.stderr)
         return 2
     torch.set_num_threads(a.threads)
+    from benchmarks.runner import git_commit
+
+    suite = git_commit()  # before anything runs: the code the numbers come from
     log = lambda s: print(f"  [{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     rows: List[Row] = []
     sys.path.insert(0, os.path.abspath(a.ref))
@@ -749,7 +771,7 @@ def run(a: argparse.Namespace) -> int:
     print(f"\n{counts[PASS]} PASS, {counts[DEVIATION]} DEVIATION, {counts[FAIL]} FAIL")
     if a.json:
         command = "bench.py parity " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["parity"] else sys.argv[1:])
-        record = {"method": a.method, "repo": adapter.repo, "command": command, "ref": os.path.abspath(a.ref), "commit": a.ref_commit or ref_commit(a.ref),
+        record = {"method": a.method, "repo": adapter.repo, "command": command, "ref": os.path.abspath(a.ref), "commit": a.ref_commit or ref_commit(a.ref), "suite": suite,
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "batch": a.batch, "seed": a.seed,
                   "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
                   "cases": [c.label for c in cases], "summary": counts,

@@ -198,6 +198,38 @@ def test_boundary_reinit_and_drop_last_are_detected():
     assert row.max_abs == 1.0  # ceil(5003/16) = 313 against 5003 // 16 = 312
 
 
+class BoundaryTrained(StandIn):
+    """Trains the bias at the boundary: one gradient step of lr on ½|b − target|² (target 1..C),
+    so from b = 0 the bias after the boundary is exactly lr · target."""
+
+    def __init__(self, boundary_lr: float, declare: bool = True, **kw) -> None:
+        super().__init__(**kw)
+        self.boundary_lr = boundary_lr
+        self.boundary_trained = ("head.bias",) if declare else ()
+
+    def start_task(self, t: int, prev: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+        super().start_task(t, prev)
+        if t > 0:
+            with torch.no_grad():
+                self.b -= self.boundary_lr * (self.b - torch.arange(1.0, C + 1))
+
+
+def test_tensors_trained_at_the_boundary_are_compared_by_value():
+    same = check(BoundaryTrained(0.1), BoundaryTrained(0.1))
+    assert failing(same) == [] and [r.tensor for r in by_check(same)["boundary/trained"]] == ["head.bias"]
+    # lr 0.1 against 0.105: the biases differ by 0.005 · 4 = 0.02; the allowance is
+    # 1e-6 + 1e-4 · 0.42 + 1 % of the reference's change (0.42)
+    rows = check(BoundaryTrained(0.1), BoundaryTrained(0.105))
+    assert failing(rows) == ["boundary/trained"]
+    [row] = by_check(rows)["boundary/trained"]
+    assert row.max_abs == pytest.approx(0.02, rel=1e-5)
+    assert row.tol == pytest.approx(1e-6 + 1e-4 * 0.42 + 0.01 * 0.42, rel=1e-5)
+    # undeclared, the same difference looks like a re-draw: 4 values, std ratio 1.05, and passes
+    rows = check(BoundaryTrained(0.1), BoundaryTrained(0.105, declare=False))
+    assert failing(rows) == [] and "boundary/trained" not in by_check(rows)
+    assert [r.tensor for r in by_check(rows)["boundary/redrawn"]] == ["head.bias"]
+
+
 def test_documented_difference_is_a_deviation_with_its_link():
     link = "docs/methods-x.md#test-time-resize"
     rows = check(StandIn(), StandIn(interp=T.InterpolationMode.BILINEAR), {"transform/*": link})
@@ -253,6 +285,25 @@ def test_markdown_folds_passing_rows_and_keeps_failures():
     text = markdown_table(same)
     assert "| c | lr | 3 tensors (first: a) | 3e-05 | 2e-12 | **FAIL** |" in text
     assert "| c | lr | d | 0.001 | 2e-12 | **FAIL** |" in text
+
+
+def test_record_markdown_names_reference_and_suite_commits_and_counts():
+    from benchmarks.parity import record_markdown
+
+    rows = [Row("c", "init", "a", 0.5, 1, PASS), Row("c", "lr", "a", 1e-3, 2e-12, FAIL),
+            Row("c", "step", "a", 1.0, 1e-6, DEVIATION, "docs/methods-x.md#y")]
+    rec = {"command": "bench.py parity x --ref R", "repo": "o/n", "commit": "abc", "date": "2026-12-05 15:00 UTC",
+           "torch": "2", "batch": 2, "seed": 0, "seconds": 1.5, "summary": {PASS: 1, DEVIATION: 1, FAIL: 1},
+           "rows": [r.__dict__ for r in rows], "suite": {"commit": "def", "dirty": True}}
+    text = record_markdown(rec)
+    assert "Reference: `o/n` @ `abc`; run 2026-12-05 15:00 UTC" in text
+    assert "Suite: commit `def` (with uncommitted changes)." in text
+    assert "**1 PASS, 1 DEVIATION, 1 FAIL**" in text
+    assert "[docs/methods-x.md#y](methods-x.md#y)" in text  # links relative to docs/
+    rec["suite"] = {"commit": "def", "dirty": False}
+    assert "Suite: commit `def`." in record_markdown(rec)
+    del rec["suite"]  # records written before the field: no suite line
+    assert "Suite:" not in record_markdown(rec)
 
 
 def test_our_side_against_itself_passes_and_sees_a_changed_head_init(micro_backbone, tiny_config):
@@ -353,3 +404,37 @@ def test_smope_expert_tensors_map_to_layer_head_expert():
     assert torch.equal(mapped["values"][1, 0, 2], theirs["prompt.e_pv_1_2_0"][0])
     back = to_theirs(mapped)
     assert set(back) == set(theirs) and all(torch.equal(back[n], theirs[n]) for n in theirs)
+
+
+def _doc_anchors(path: Path) -> set:
+    """GitHub's heading anchors of a markdown file: lower case, punctuation dropped, spaces to '-'."""
+    import re
+
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in (re.match(r"^#+\s+(.*)", line) for line in path.read_text().splitlines()) if m}
+
+
+def test_every_deviation_links_a_docs_heading_and_has_a_case_without_it():
+    """A DEVIATION row must link a paragraph that exists, and a documented option the preset
+    leaves off must be compared once more with the option set and nothing excused, so that a real
+    difference cannot hide behind the documented one."""
+    from benchmarks.parity import load_adapters
+
+    for method, adapters in load_adapters().items():
+        for adapter in adapters:
+            cases = adapter.cases()
+            for case in cases:
+                for glob, doc in {**adapter.deviations, **case.deviations}.items():
+                    target = doc.split()[0]
+                    file, _, anchor = target.partition("#")
+                    assert (ROOT / file).is_file(), (method, case.label, glob, doc)
+                    assert anchor in _doc_anchors(ROOT / file), (method, case.label, glob, doc)
+                if case.deviations:
+                    twins = [c for c in cases if c.preset == case.preset and c.benchmark == case.benchmark
+                             and c.overrides and not c.deviations and not adapter.deviations]
+                    assert twins, (method, adapter.repo, case.label)
+    # NoRGa: per script, the preset (reshape off: downstream rows excused) and reshape_quirk=true
+    norga = load_adapters()["norga"][0].cases()
+    assert [(c.benchmark, c.overrides) for c in norga] == [
+        (b, o) for b in ("cifar100", "imagenet_r", "cub200") for o in ({}, {"method": {"reshape_quirk": True}})]
+    assert sorted(norga[0].deviations) == ["grad", "logits/*", "loss/*", "step"] and not norga[1].deviations
