@@ -27,99 +27,16 @@ from typing import List, Optional, Sequence
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad user input: printed as one sentence, exit status 2."""
-
-
-def user_errors() -> tuple:
-    """Exception types whose message is meant for the user (exit status 2, no traceback)."""
-    from benchmarks.config import ConfigError
-    from benchmarks.datasets import DataError
-    from benchmarks.runner import RunError
-    from benchmarks.store import StoreError  # a second writer, a damaged checkpoint, a full disk
-    from methods.backbones import BackboneError
-    from methods.checkpoints import CheckpointError
-    from methods.registry import UnknownMethodError
-
-    return (UsageError, ConfigError, DataError, RunError, StoreError, BackboneError, CheckpointError, UnknownMethodError)
-
-
-def split_names(values: Optional[Sequence[str]]) -> List[str]:
-    out: List[str] = []
-    for v in values or []:
-        out += [s.strip() for s in v.split(",") if s.strip()]
-    return out
-
-
-def expand_methods(names: List[str]) -> List[str]:
-    from methods.registry import get_method_class, list_methods
-
-    if not names:
-        raise UsageError("no method given; pass -m NAME[,NAME...] or -m all")
-    out: List[str] = []
-    for n in names:
-        if n == "all":
-            out += list_methods()
-        elif n in ("methods", "baselines"):
-            out += list_methods(n[:-1])
-        else:
-            get_method_class(n)  # raises with the list of registered names
-            out.append(n)
-    return list(dict.fromkeys(out))
-
-
-def expand_benchmarks(names: List[str]) -> List[str]:
-    from benchmarks.datasets import list_datasets
-
-    if not names:
-        raise UsageError("no benchmark given; pass -b NAME (see 'python bench.py list')")
-    for n in names:
-        if n not in list_datasets():
-            raise UsageError(f"unknown benchmark '{n}'; available benchmarks: {', '.join(list_datasets())}")
-    return names
-
-
-def cli_overrides(args: argparse.Namespace) -> dict:
-    """--set plus the dedicated flags, as one nested override mapping."""
-    from benchmarks.config import deep_merge, parse_set
-
-    over: dict = {}
-    if getattr(args, "backbone", None):
-        over = deep_merge(over, {"backbone": {"name": args.backbone}})
-    if getattr(args, "checkpoint", None):
-        over = deep_merge(over, {"backbone": {"checkpoint": args.checkpoint, "pretrained": "file"}})
-    if getattr(args, "data_root", None):
-        over = deep_merge(over, {"benchmark": {"data_root": args.data_root}})
-    for flag in ("device", "precision"):
-        if getattr(args, flag, None):
-            over[flag] = getattr(args, flag)
-    if getattr(args, "compile", False):
-        over["compile"] = True
-    if getattr(args, "quiet", False):
-        over["quiet"] = True
-    if getattr(args, "no_query_cache", False):
-        over["query_cache"] = False
-    if getattr(args, "tensorboard", False):
-        over["tensorboard"] = True
-    return deep_merge(over, parse_set(getattr(args, "set", None) or []))
-
-
-def resolve_all(args: argparse.Namespace, benches: List[str], methods: List[str], seeds: List[int]):
-    """Resolve and validate every (benchmark, method, seed) config before anything runs."""
-    from benchmarks.config import resolve_config
-
-    over = cli_overrides(args)
-    cfgs = []
-    for b in benches:
-        for m in methods:
-            for s in seeds:
-                cfg = resolve_config(m, b, args.preset, over)
-                cfg.seed = s
-                cfgs.append(cfg)
-    return cfgs
+from benchmarks.run.cli import (  # noqa: F401  (re-exported: bench.X is the CLI's public surface)
+    EXIT_USAGE,
+    UsageError,
+    cli_overrides,
+    expand_benchmarks,
+    expand_methods,
+    resolve_all,
+    split_names,
+    user_errors,
+)
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -127,8 +44,8 @@ def resolve_all(args: argparse.Namespace, benches: List[str], methods: List[str]
 def cmd_list_presets(args: argparse.Namespace) -> int:
     """``list presets [--resolved]``: preset names, or every resolved cell with its sources."""
     from benchmarks.config import ConfigError, available_presets
-    from benchmarks.datasets import list_datasets
-    from benchmarks.preset_listing import render_markdown, render_table, resolved_cells
+    from benchmarks.data.datasets import list_datasets
+    from benchmarks.tables.preset_listing import render_markdown, render_table, resolved_cells
     from methods.registry import list_methods
 
     def names(values, known, what):
@@ -152,7 +69,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if getattr(args, "what", None) == "presets" or getattr(args, "resolved", False):
         return cmd_list_presets(args)
     from benchmarks.config import available_presets
-    from benchmarks.datasets import _DEFAULT_TASKS, list_datasets
+    from benchmarks.data.datasets import _DEFAULT_TASKS, list_datasets
     from methods.backbones import MICRO_CONFIGS
     from methods.registry import get_method_class, list_methods
 
@@ -182,10 +99,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Runs one after the other; under ``torchrun --nproc_per_node=N`` each run is data-parallel."""
-    from benchmarks import distributed
-    from benchmarks.runner import plan_all, prepare, run_prepared, validate_configs
+    from benchmarks.run import distributed
+    from benchmarks.run.runner import plan_all, prepare, run_prepared, validate_configs
 
-    from benchmarks.store import check_out_folder
+    from benchmarks.run.store import check_out_folder
 
     benches = expand_benchmarks(split_names(args.benchmark))
     methods = expand_methods(split_names(args.method))
@@ -216,11 +133,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from benchmarks import cost
+    from benchmarks.tables import cost_table
 
-    if not hasattr(cost, "cli"):
-        raise UsageError("the cost report is not available in this version")
-    return cost.cli(args)
+    return cost_table.main(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -233,7 +148,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     try:
-        from benchmarks import reproduce
+        from benchmarks.tables import reproduce
     except ImportError:
         raise UsageError("the reproduce command is not available in this version") from None
     return reproduce.cli(args)
@@ -241,22 +156,22 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     try:
-        from benchmarks import sweep
+        from benchmarks.run import sweep
     except ImportError:
         raise UsageError("the sweep command is not available in this version") from None
     return sweep.cli(args)
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    """Numbers of a method against its authors' code (benchmarks/parity.py, docs/parity.md)."""
-    from benchmarks import parity
+    """Numbers of a method against its authors' code (benchmarks/tools/parity.py, docs/parity.md)."""
+    from benchmarks.tools import parity
 
     return parity.run(args)
 
 
 def cmd_gpu_check(args: argparse.Namespace) -> int:
     """Speed, memory and precision of every method on one device in minutes (docs/speed.md)."""
-    from benchmarks import gpu_check
+    from benchmarks.tools import gpu_check
 
     return gpu_check.cli(args)
 
@@ -264,7 +179,7 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     """Open every image of the benchmark(s) up front (progress bar), list the unreadable ones; exit 2 if any."""
     from benchmarks.config import resolve_config
-    from benchmarks.datasets import check_data
+    from benchmarks.data.datasets import check_data
 
     bad_total, checked = 0, []
     for b in expand_benchmarks(split_names(args.benchmark)):
@@ -284,7 +199,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 def demo_benchmark(choice: str, data_root: str) -> tuple:
     """(benchmark, why) for the demo: Fashion-MNIST when its files are there (or downloadable),
     else the synthetic benchmark; ``why`` is the sentence the demo opens with."""
-    from benchmarks.datasets import FASHION_MNIST_DEBIAN, find_fashion_mnist, offline
+    from benchmarks.data.datasets import FASHION_MNIST_DEBIAN, find_fashion_mnist, offline
 
     if choice == "synthetic":
         return "synthetic", "the synthetic benchmark (asked for with --demo-benchmark synthetic)"
@@ -354,7 +269,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             for f in [pool.submit(_demo_job, j) for j in jobs]:
                 f.result()  # re-raises a worker's error here
     cost_dir = out / "cost"
-    from benchmarks import cost
+    from benchmarks.tables import cost_table
 
     if hasattr(cost, "cli"):
         # ImageNet-R (200 classes) is the setting of the SMoPE poster's efficiency table, so the
@@ -362,7 +277,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cost_args = build_parser().parse_args(["cost", "-b", "imagenet_r", "-m", "all", "--backbone", "vit_base_patch16_224",
                                                "--out", str(cost_dir)])
         try:
-            cost.cli(cost_args)
+            cost_table.main(cost_args)
         except Exception as e:  # the demo still reports the runs; the failure is named, not hidden
             print(f"cost table skipped: {type(e).__name__}: {e}", file=sys.stderr)
     # the paired per-seed comparison: the suite's featured method against its strongest prompt baseline
@@ -508,10 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired per-seed difference of two methods")
     p.add_argument("--metrics", default=None, help="main-table metrics, comma-separated (default faa,caa,ffm; "
                    "also ffm_prior, coda_f, bwt, tii_final)")
-    p.add_argument("--references", default=None, help="folder of reported-number YAML files (default benchmarks/references)")
+    p.add_argument("--references", default=None, help="folder of reported-number YAML files (default benchmarks/tables/references)")
 
     p = sub.add_parser("reproduce", help="run the grid behind a paper table, then report it")
-    p.add_argument("table", nargs="?", help="table name (benchmarks/references/tables/*.yaml)")
+    p.add_argument("table", nargs="?", help="table name (benchmarks/tables/references/tables/*.yaml)")
     p.add_argument("--dry-run", action="store_true", help="list the runs, their status, files and GPU-time estimate")
     p.add_argument("--report-only", action="store_true", help="render the table from the finished runs, launch nothing")
     p.add_argument("--runs", default="runs")
@@ -533,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="slurm: submit the array and return")
 
     p = sub.add_parser("gpu-check", help="speed, memory and bf16 precision of every method on one GPU, within a time budget")
-    from benchmarks.gpu_check import add_arguments as gpu_check_arguments
+    from benchmarks.tools.gpu_check import add_arguments as gpu_check_arguments
 
     gpu_check_arguments(p)
 
@@ -553,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print what would run, launch nothing")
 
     p = sub.add_parser("parity", help="compare a method's numbers with its authors' code (--ref checkout)")
-    from benchmarks.parity import add_arguments as add_parity_arguments
+    from benchmarks.tools.parity import add_arguments as add_parity_arguments
 
     add_parity_arguments(p)
     return parser
@@ -585,9 +500,9 @@ def missing_package(e: ModuleNotFoundError) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        from benchmarks.distributed import env_rank
-        from benchmarks.protocol import NonFiniteLossError
-        from benchmarks.runner import RunInterrupted
+        from benchmarks.run.distributed import env_rank
+        from benchmarks.run.protocol import NonFiniteLossError
+        from benchmarks.run.runner import RunInterrupted
     except ModuleNotFoundError as e:  # e.g. a bare GPU machine without timm
         print(missing_package(e), file=sys.stderr, flush=True)
         return EXIT_USAGE

@@ -74,7 +74,7 @@ def tiny_config() -> Callable[..., RunConfig]:
 @pytest.fixture
 def tiny_run(tmp_path) -> Callable[..., Dict[str, Any]]:
     """Run ``method`` on the tiny scenario in a temporary folder and return result.json's dict."""
-    from benchmarks.runner import prepare, run_prepared
+    from benchmarks.run.runner import prepare, run_prepared
 
     def run(method: str, overrides: Optional[Dict[str, Any]] = None, seed: int = 0, out: Optional[Path] = None,
             **kwargs: Any) -> Dict[str, Any]:

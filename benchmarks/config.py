@@ -115,7 +115,7 @@ class RunConfig:
     compile: bool = False
     query_cache: bool = True
     quiet: bool = False
-    tensorboard: bool = False  # also write TensorBoard event files (benchmarks/runlog.py)
+    tensorboard: bool = False  # also write TensorBoard event files (benchmarks/run/runlog.py)
 
     def to_dict(self) -> Dict[str, Any]:
         return to_plain(self)

@@ -27,15 +27,10 @@ import timm
 import torch
 
 from benchmarks.config import BackboneConfig, ConfigError
+from methods.checkpoints import sha256_file  # noqa: F401  (re-exported)
+from methods.micro_vit import MICRO_CONFIGS, build_micro  # noqa: F401  (re-exported)
 from methods.vit import PromptedViT
 
-# CPU-scale ViTs, built through timm's VisionTransformer (so every code path is timm's).
-# Depth 6 so that every method's prompted layers (SMoPE: 0-5, CODA/HiDe: 0-4) exist.
-MICRO_CONFIGS: Dict[str, Dict[str, Any]] = {
-    "vit_micro_patch8_32": dict(img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=4, mlp_ratio=4.0, qkv_bias=True),
-    "vit_micro_patch4_32": dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=4.0, qkv_bias=True),
-}
-_MICRO_BASE = "vit_tiny_patch16_224"  # only its class is used; every size argument is overridden
 
 
 class BackboneError(RuntimeError):
@@ -64,13 +59,6 @@ class BackboneInfo:
         return asdict(self)
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def split_name(name: str) -> Tuple[str, Optional[str]]:
     """``vit_base_patch16_224.augreg_in21k`` -> (``vit_base_patch16_224``, ``augreg_in21k``)."""
@@ -87,7 +75,7 @@ def build_model(name: str, drop_path: float = 0.0, pretrained: bool = False) -> 
     """The timm VisionTransformer for ``name`` with no classifier head."""
     arch, tag = split_name(name)
     if arch in MICRO_CONFIGS:
-        return timm.create_model(_MICRO_BASE, pretrained=False, num_classes=0, drop_path_rate=drop_path, **MICRO_CONFIGS[arch])
+        return build_micro(arch, drop_path)
     if not is_known_backbone(name):
         raise ConfigError(f"unknown backbone '{name}'; use a timm ViT name such as vit_base_patch16_224[.tag] or one of {', '.join(MICRO_CONFIGS)}")
     if pretrained:

@@ -1,7 +1,7 @@
 """The method interface shared by every method and baseline.
 
 A method is an ``nn.Module`` that owns its prompts and head and uses the shared
-:class:`~methods.vit.PromptedViT`. The protocol (``benchmarks/protocol.py``), not the method, does
+:class:`~methods.vit.PromptedViT`. The protocol (``benchmarks/run/protocol.py``), not the method, does
 logit masking, optimisers and schedules, epochs, evaluation and checkpoints. The life of a method
 in one run::
 
@@ -84,7 +84,7 @@ class Phase:
     phase. ``param_groups`` defaults to ``method.param_groups()``. ``needs_images`` False means
     the phase uses only query features (e.g. HiDe's TII network): once the query cache holds every
     training query of the task (deterministic train transform), the protocol's later epochs iterate
-    labels and cached queries and load no image (``benchmarks/protocol.py`` ``LabelsOnly``).
+    labels and cached queries and load no image (``benchmarks/run/protocol.py`` ``LabelsOnly``).
     ``needs_query`` False skips the query pass in a phase that does not use it (None: the
     method's ``uses_query``).
     """
@@ -154,13 +154,13 @@ class ContinualMethod(nn.Module):
         return loss
 
     def end_task(self, task: Task, ctx: "Any") -> None:
-        """Called after training ``task`` (``ctx`` is a :class:`benchmarks.protocol.TaskContext`)."""
+        """Called after training ``task`` (``ctx`` is a :class:`benchmarks.run.protocol.TaskContext`)."""
 
     def diagnostics(self) -> Dict[str, Any]:
         """JSON-serialisable method-level diagnostics stored in result.json (e.g. usage counts)."""
         return {}
 
-    # -- cost hooks (benchmarks/cost.py) ---------------------------------------------------
+    # -- cost hooks (benchmarks/cost/engine.py) ---------------------------------------------------
     def used_parameters(self) -> Optional[int]:
         """Added parameters actually used by the current task's forward, when fewer than the
         allocated ones (CODA-Prompt allocates every task's components up front; task-specific
@@ -170,7 +170,7 @@ class ContinualMethod(nn.Module):
     def trainable_parameters(self) -> Optional[int]:
         """Parameters the current task actually updates, when fewer than the ones its phases hand
         to the optimiser with ``requires_grad`` (a method that freezes by ``detach()`` inside
-        forward). None: count those parameters (benchmarks/cost.py)."""
+        forward). None: count those parameters (benchmarks/cost/engine.py)."""
         return None
 
     def state_numbers(self) -> Dict[str, int]:

@@ -37,6 +37,7 @@ other mismatch is an error.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import zipfile
 from pathlib import Path
@@ -44,6 +45,16 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 FORMATS = ("auto", "timm", "npz", "ibot", "dino", "mocov3")
 

@@ -238,7 +238,7 @@ class OVOR(ContinualMethod):
 
     def vor_stage(self, task: Task, ctx: Any) -> Dict[str, Any]:
         """The reference's ``_train_one_epoch_ood`` epochs, after the regular ones."""
-        from benchmarks.protocol import derive_seed, make_loader, scaled_lr, schedule_factor, seed_everything
+        from benchmarks.run.protocol import derive_seed, make_loader, scaled_lr, schedule_factor, seed_everything
 
         cfg = self.cfg
         tcfg = ctx.cfg.train

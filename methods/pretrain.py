@@ -3,7 +3,7 @@
 * ``backbone.pretrain: procedural`` (below): on procedural classes disjoint from every task;
 * ``backbone.pretrain: in_domain`` (:func:`pretrained_in_domain_path`): supervised on the
   benchmark's ``benchmark.pretrain_holdout`` training images per class, which
-  ``benchmarks/datasets.py:finish_splits`` removes from the CL stream (images disjoint from the
+  ``benchmarks/data/datasets.py:finish_splits`` removes from the CL stream (images disjoint from the
   tasks, classes shared: the papers' ImageNet-21k relation; docs/data.md §6).
 
 Prompt methods only make sense on a pretrained, frozen backbone, and no hub is reachable from a
@@ -11,7 +11,7 @@ CPU test machine. So the suite pretrains its micro ViT itself, supervised, on tw
 procedural classes that no CL benchmark uses:
 
 * ``TEXTURE_CLASSES`` colour-texture classes of the ``pretrain`` namespace of
-  ``benchmarks/synthetic.py`` (gratings, a coloured shape, a distractor blob); the synthetic CL
+  ``benchmarks/data/synthetic.py`` (gratings, a coloured shape, a distractor blob); the synthetic CL
   benchmark draws from the ``cl`` namespace, so pretraining never sees one of its classes;
 * ``SHAPE_CLASSES`` silhouette and stroke classes defined here (:func:`render_shape_class`):
   filled outlines made of a radial-harmonic body with attached or cut-out parts, and figures of
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Bump VERSION whenever the data generators change (benchmarks/synthetic.py's 'pretrain'
+# Bump VERSION whenever the data generators change (benchmarks/data/synthetic.py's 'pretrain'
 # namespace or render_shape_class); the settings below are hashed into the cache name anyway.
 # v1: 100 texture classes x 100, 6 epochs. v2: + 100 shape classes, 60 per class, 8 epochs.
 VERSION = 2
@@ -166,7 +166,7 @@ def render_shape_class(class_id: int, n: int, size: int, sample_seed: int) -> np
 
 def make_pretrain_data(per_class: int, size: int, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Texture classes (labels 0..TEXTURE_CLASSES-1), then shape classes, as uint8 images."""
-    from benchmarks.synthetic import make_synthetic
+    from benchmarks.data.synthetic import make_synthetic
 
     xs, ys = make_synthetic(range(TEXTURE_CLASSES), per_class, size, "pretrain", split)
     shapes = [render_shape_class(c, per_class, size, _seed(split)) for c in range(SHAPE_CLASSES)]
@@ -224,7 +224,7 @@ def _save(model: nn.Module, out_path: Path, meta: dict) -> dict:
     """Write the weights and ``<name>.json`` (meta + SHA-256) atomically; returns the meta."""
     from safetensors.torch import save_file
 
-    from methods.backbones import sha256_file
+    from methods.checkpoints import sha256_file
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(f".{os.getpid()}.tmp")  # unique: two processes may race here
@@ -240,7 +240,7 @@ def _save(model: nn.Module, out_path: Path, meta: dict) -> dict:
 
 def pretrain_micro(arch: str, out_path: Path, log=print) -> dict:
     """Pretrain ``arch`` (a micro config) on the procedural classes and save it to ``out_path``."""
-    from methods.backbones import build_model
+    from methods.micro_vit import build_micro as build_model
 
     t0 = time.time()
     torch.manual_seed(SEED)
@@ -262,7 +262,7 @@ def pretrain_micro(arch: str, out_path: Path, log=print) -> dict:
 # The papers' setting at CPU scale: the backbone is pretrained, supervised, on images of the CL
 # data set's domain that the CL stream never sees (ImageNet-21k for CIFAR-100 / ImageNet-R: other
 # images, overlapping classes). Here: the benchmark.pretrain_holdout images per class that
-# benchmarks/datasets.py:finish_splits removes from the training split before the CL subsample.
+# benchmarks/data/datasets.py:finish_splits removes from the training split before the CL subsample.
 IN_DOMAIN_VERSION = 1
 IN_DOMAIN_EPOCHS = 6
 IN_DOMAIN_VAL = 0.05  # share of the pool (per class, seeded) kept for the reported val accuracy
@@ -271,8 +271,8 @@ IN_DOMAIN_VAL = 0.05  # share of the pool (per class, seeded) kept for the repor
 def in_domain_pool(bcfg, image_size: int) -> Tuple[Callable[[], Tuple[torch.Tensor, torch.Tensor]], dict]:
     """The held-out pool of ``bcfg``: (a function giving (float images, labels), its identity).
 
-    Exactly the positions :func:`benchmarks.datasets.pretrain_holdout_indices` returns on the full
-    training split, i.e. the ones :func:`benchmarks.datasets.finish_splits` excludes from the CL
+    Exactly the positions :func:`benchmarks.data.datasets.pretrain_holdout_indices` returns on the full
+    training split, i.e. the ones :func:`benchmarks.data.datasets.finish_splits` excludes from the CL
     stream, after the scenario's test transform (resize to the input size, [0,1], ``normalize``).
     Labels are the data set's own class ids (0..C-1). The images are only decoded when the
     function is called (a cached backbone needs only the identity).
@@ -280,7 +280,7 @@ def in_domain_pool(bcfg, image_size: int) -> Tuple[Callable[[], Tuple[torch.Tens
     import dataclasses
 
     from benchmarks.config import ConfigError
-    from benchmarks.datasets import build_transform, list_sha256, load_dataset, pretrain_holdout_indices
+    from benchmarks.data.datasets import build_transform, list_sha256, load_dataset, pretrain_holdout_indices
 
     if bcfg.name == "synthetic":
         raise ConfigError("backbone.pretrain=in_domain needs a real data set (the synthetic benchmark has no held-out "
@@ -333,7 +333,7 @@ def pretrain_in_domain(arch: str, images: Callable[[], Tuple[torch.Tensor, torch
 
 
 def _pretrain_in_domain(arch: str, images, rec: dict, out_path: Path, log, t0: float, c0: float) -> dict:
-    from methods.backbones import build_model
+    from methods.micro_vit import build_micro as build_model
 
     x, y = images()
     g = np.random.default_rng(SEED)
@@ -360,7 +360,7 @@ def pretrained_in_domain_path(arch: str, bcfg, log=None) -> Path:
     covers the pool (its positions, labels and the data set's content hash) and every training
     setting, so another holdout, split seed, image size or data file never reuses stale weights.
     """
-    from methods.backbones import MICRO_CONFIGS
+    from methods.micro_vit import MICRO_CONFIGS
 
     images, ident = in_domain_pool(bcfg, MICRO_CONFIGS[arch]["img_size"])
     rec = in_domain_recipe(arch, ident)

@@ -66,7 +66,7 @@ def build_report(runs: str | Path, out: str | Path, cost: Optional[str | Path] =
                  references: str | Path = REFERENCE_DIR) -> ReportOutput:
     """Load, tabulate, plot and write everything; see the module docstring for the layout."""
     t0 = time.time()
-    from benchmarks.store import check_out_folder
+    from benchmarks.run.store import check_out_folder
 
     check_out_folder(out)
     rs = load_runs(runs)
@@ -123,7 +123,7 @@ def build_report(runs: str | Path, out: str | Path, cost: Optional[str | Path] =
 
         shutil.rmtree(work, ignore_errors=True)
         if _disk_full(e):
-            from benchmarks.store import disk_full_error
+            from benchmarks.run.store import disk_full_error
 
             raise disk_full_error(final) from None
         raise
@@ -134,7 +134,7 @@ def build_report(runs: str | Path, out: str | Path, cost: Optional[str | Path] =
 
 
 def _disk_full(e: BaseException) -> bool:
-    from benchmarks.store import is_disk_full
+    from benchmarks.run.store import is_disk_full
 
     seen = 0
     while e is not None and seen < 10:
@@ -147,7 +147,7 @@ def _disk_full(e: BaseException) -> bool:
 def _work_folder(final: Path) -> Path:
     import tempfile
 
-    from benchmarks.store import disk_full_error, file_mode, is_disk_full
+    from benchmarks.run.store import disk_full_error, file_mode, is_disk_full
 
     try:
         final.parent.mkdir(parents=True, exist_ok=True)

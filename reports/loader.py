@@ -25,7 +25,7 @@ import pandas as pd
 
 from benchmarks import metrics as M
 from benchmarks.config import ConfigError
-from benchmarks.store import read_result_file
+from benchmarks.run.store import read_result_file
 
 METRIC_KEYS = ("faa", "caa", "ffm", "ffm_prior", "coda_f", "bwt")
 # cost keys copied into the run frame as cost_<key> (whatever else the block holds is kept in `results`)

@@ -1,4 +1,4 @@
-"""Numbers reported by the papers (``benchmarks/references/*.yaml``), loaded and validated.
+"""Numbers reported by the papers (``benchmarks/tables/references/*.yaml``), loaded and validated.
 
 File format (documented in ``docs/reports.md``, "Reported numbers"): a mapping with ``paper``,
 optional ``defaults`` applied to every entry, and ``entries``; each entry names the source's row
@@ -17,7 +17,7 @@ import yaml
 
 from reports.loader import ReportError
 
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "references"
+REFERENCE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "tables" / "references"
 
 # metric name -> (label, unit, where ours comes from)
 REFERENCE_METRICS: Dict[str, str] = {

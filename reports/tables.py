@@ -4,7 +4,7 @@
   number of seeds, added parameters, inference GFLOPs and throughput; the best value per column
   is marked (direction-aware: accuracy higher, forgetting and cost lower). Upper bounds (methods
   that train on every task's data, ``ContinualMethod.joint``) are shown but never marked best.
-* :func:`reproduction_table` -- reported number (``benchmarks/references``) vs ours vs delta,
+* :func:`reproduction_table` -- reported number (``benchmarks/tables/references``) vs ours vs delta,
   only where benchmark, task count, method and the entry's ``match`` keys agree.
 * :func:`protocol_diff_table` -- every setting in which the compared runs differ (resolved config,
   backbone identity, precision, hardware, versions, class order per seed, seeds).
@@ -306,7 +306,7 @@ def reproduction_table(rs: RunSet, refs: Sequence[Reference], cost_csv: Optional
              "(and the entry's `match` keys of our resolved config). Backbone and protocol are shown, not required.",
              "[V]: checked against a public copy of the source; [R]: recalled, unverified. Paper ± use the source's own "
              f"std convention (CODA / SMoPE code: ddof=0); ours: ddof={S.STD_DDOF}.",
-             f"{len(refs)} reported numbers are on file in benchmarks/references/."]
+             f"{len(refs)} reported numbers are on file in benchmarks/tables/references/."]
     return Table("reproduction", "Reproduction: reported vs ours", cols, rows, data, notes)
 
 

@@ -3,8 +3,8 @@ joint training on cumulative data."""
 import torch
 import torch.nn.functional as F
 
-from benchmarks.protocol import QueryCache, RunContext, TaskContext, train_phase
-from benchmarks.runner import prepare
+from benchmarks.run.protocol import QueryCache, RunContext, TaskContext, train_phase
+from benchmarks.run.runner import prepare
 from methods.base import Phase
 from conftest import make_tiny_config
 

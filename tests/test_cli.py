@@ -24,7 +24,7 @@ def run_cli(args, capsys):
 
 def test_list_names_every_registered_method_and_benchmark(capsys):
     from methods.registry import list_methods
-    from benchmarks.datasets import list_datasets
+    from benchmarks.data.datasets import list_datasets
 
     code, out, _ = run_cli(["list"], capsys)
     assert code == 0

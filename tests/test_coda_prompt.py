@@ -231,7 +231,7 @@ def test_method_penalty_is_mu_times_scale_times_layer_sum(micro_backbone):
 def test_pool_not_divisible_by_tasks_is_a_config_error(micro_backbone, tiny_config):
     with pytest.raises(ConfigError, match="cannot be split evenly into 3 task slices"):
         make(micro_backbone, num_tasks=3, pool=31)
-    from benchmarks.runner import prepare
+    from benchmarks.run.runner import prepare
 
     with pytest.raises(ConfigError, match="pool_size=40 cannot be split evenly into 3"):
         prepare(tiny_config("coda_prompt", {"method": {"pool_size": 40}}))
@@ -250,7 +250,7 @@ def vit_b16():
 
 @pytest.mark.parametrize("classes", [100, 200])
 def test_vit_b16_parameter_counts_match_the_reference_config(vit_b16, classes):
-    from benchmarks.cost import parameter_counts
+    from benchmarks.cost.engine import parameter_counts
 
     m = CodaPrompt(vit_b16, classes, CodaPrompt.Config(), num_tasks=10)
     d, length, pool, per_task = 768, 8, 100, 10

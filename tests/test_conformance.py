@@ -2,7 +2,7 @@
 
 Parametrised over ``methods.registry.list_methods()``, so a new file in ``methods/`` or
 ``baselines/`` is covered without editing this test (docs/adding-a-method.md). Each method runs
-through the real runner (``benchmarks.runner.prepare`` / ``run_prepared``) on a tiny synthetic
+through the real runner (``benchmarks.run.runner.prepare`` / ``run_prepared``) on a tiny synthetic
 scenario (2 tasks × 3 classes, 12 training and 6 test images per class, ``conftest.TINY``) on the
 randomly initialised micro ViT, with its own ``quick`` preset underneath. Checked:
 
@@ -10,7 +10,7 @@ randomly initialised micro ViT, with its own ``quick`` preset underneath. Checke
 * it is deterministic: a second run with the same seed gives the same accuracy matrix and
   bit-identical saved state;
 * its checkpoint round-trips: the saved ``checkpoint.pt`` loaded into a freshly prepared method
-  after replaying ``begin_task`` (the resume contract of ``benchmarks/runner.py``) gives the same
+  after replaying ``begin_task`` (the resume contract of ``benchmarks/run/runner.py``) gives the same
   logits, predictions and accuracies as the trained method, and the run's last accuracy row;
 * it reports its cost: parameters counted independently here, state, and MACs per image that
   cover at least its backbone passes (closed form of the micro ViT);
@@ -34,9 +34,9 @@ import pytest
 import torch
 
 from benchmarks.config import RunConfig
-from benchmarks.protocol import QueryCache, RunContext, derive_seed, evaluate, seed_everything
-from benchmarks.runner import Prepared, prepare, run_path, run_prepared
-from benchmarks.store import RunStore
+from benchmarks.run.protocol import QueryCache, RunContext, derive_seed, evaluate, seed_everything
+from benchmarks.run.runner import Prepared, prepare, run_path, run_prepared
+from benchmarks.run.store import RunStore
 from conftest import ROOT, make_tiny_config
 from methods import registry
 from methods.base import ContinualMethod
@@ -204,7 +204,7 @@ def test_is_deterministic(trained: Trained):
 def test_checkpoint_round_trip(trained: Trained):
     state = RunStore(trained.path).load_checkpoint()["state"]
     fresh = prepare(trained.cfg)
-    # the resume contract (benchmarks/runner.py run_prepared): replay begin_task, then load
+    # the resume contract (benchmarks/run/runner.py run_prepared): replay begin_task, then load
     for task in fresh.scenario.tasks[:NUM_TASKS]:
         seed_everything(derive_seed(trained.cfg.seed, task.index, "begin"))
         fresh.method.begin_task(task)
@@ -227,7 +227,7 @@ def test_reports_cost(trained: Trained):
     cost = trained.result["cost"]
     m = trained.method
     assert "flops_error" not in cost, cost.get("flops_error")
-    # parameters, counted here independently of benchmarks/cost.py
+    # parameters, counted here independently of benchmarks/cost/engine.py
     own = {id(p): p.numel() for n, p in m.named_parameters() if not n.startswith("backbone.")}
     assert cost["added_params"] == sum(own.values())
     assert cost["backbone_params"] == sum(p.numel() for p in m.backbone.parameters())

@@ -1,4 +1,4 @@
-"""Cost report (benchmarks/cost.py, flops.py, cost_report.py, throughput.py).
+"""Cost report (benchmarks/cost/engine.py, flops.py, cost_report.py, throughput.py).
 
 Expected values are derived in the tests: the closed form of a ViT pass, the extra attention
 columns of a prefix, torch's FlopCounterMode running the real forward and backward, the SMoPE
@@ -19,9 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 from benchmarks.config import BackboneConfig, resolve_config
-from benchmarks.cost import flop_summary, parameter_counts, probe_input, query_pass, run_cost, state_count
-from benchmarks.cost_report import make_tasks, random_backbone
-from benchmarks.flops import count_ops, flop_counter_sdpa_mapping
+from benchmarks.cost.engine import flop_summary, parameter_counts, probe_input, query_pass, run_cost, state_count
+from benchmarks.tables.cost_table import make_tasks, random_backbone
+from benchmarks.cost.flops import count_ops, flop_counter_sdpa_mapping
 from methods.backbones import create_backbone
 from methods.base import ContinualMethod, MethodOutput
 from methods.registry import create_method, list_methods
@@ -336,7 +336,7 @@ def test_cost_cli_writes_every_file_with_the_table_figures(tmp_path, capsys):
 
 def test_methods_without_a_preset_entry_fall_back_to_their_quick_method_config():
     from benchmarks.config import resolve_config as resolve
-    from benchmarks.cost_report import resolve_method_config
+    from benchmarks.tables.cost_table import resolve_method_config
 
     # SMoPE's preset file has paper entries for cifar100 / imagenet_r / cub200 only
     cfg, label = resolve_method_config("smope", "synthetic", "paper", {})

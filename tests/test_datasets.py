@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from benchmarks.config import BenchmarkConfig, ConfigError
-from benchmarks.datasets import DataError, build_transform, load_dataset, resolve_transform_names
-from benchmarks.scenarios import build_scenario
+from benchmarks.data.datasets import DataError, build_transform, load_dataset, resolve_transform_names
+from benchmarks.data.scenarios import build_scenario
 
 
 @pytest.fixture(autouse=True)
@@ -303,7 +303,7 @@ def _idx(array: np.ndarray) -> bytes:
 @pytest.mark.parametrize("sub,gz", [("FashionMNIST/raw", False), ("FashionMNIST/raw", True), (".", True)])
 def test_fashion_mnist_torchvision_and_debian_layouts(tmp_path, monkeypatch, sub, gz):
     """torchvision's ``FashionMNIST/raw`` (plain or .gz) and Debian's flat folder of .gz files."""
-    import benchmarks.datasets as D
+    import benchmarks.data.datasets as D
 
     monkeypatch.setattr(D, "FASHION_MNIST_DEBIAN", tmp_path / "no-debian")
     raw = (tmp_path / sub).resolve()
@@ -331,7 +331,7 @@ def test_fashion_mnist_torchvision_and_debian_layouts(tmp_path, monkeypatch, sub
 
 
 def test_fashion_mnist_truncated_file_is_a_data_error(tmp_path, monkeypatch):
-    import benchmarks.datasets as D
+    import benchmarks.data.datasets as D
 
     monkeypatch.setattr(D, "FASHION_MNIST_DEBIAN", tmp_path / "no-debian")
     for part, n in (("train", 20), ("t10k", 10)):
@@ -343,7 +343,7 @@ def test_fashion_mnist_truncated_file_is_a_data_error(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_missing_names_both_locations(tmp_path, monkeypatch):
-    import benchmarks.datasets as D
+    import benchmarks.data.datasets as D
 
     monkeypatch.setattr(D, "FASHION_MNIST_DEBIAN", tmp_path / "no-debian")
     with pytest.raises(DataError) as e:
@@ -406,7 +406,7 @@ def test_unknown_transform_and_split_are_config_errors(cifar_root):
 def test_cli_missing_data_exits_2_without_a_run_dir(tmp_path, capsys, monkeypatch, bench_name, needle):
     import bench
 
-    import benchmarks.datasets as D
+    import benchmarks.data.datasets as D
 
     monkeypatch.setenv("PROMPTCL_OFFLINE", "1")  # no download attempt: the message must say where to get it
     monkeypatch.setattr(D, "FASHION_MNIST_DEBIAN", tmp_path / "no-debian-copy")

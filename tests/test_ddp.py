@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 
 import bench
 from benchmarks.config import ConfigError
-from benchmarks.distributed import DistContext, ShardedBatchSampler, global_batch_sampler, shard_bounds
-from benchmarks.store import RunStore
+from benchmarks.run.distributed import DistContext, ShardedBatchSampler, global_batch_sampler, shard_bounds
+from benchmarks.run.store import RunStore
 from conftest import ROOT, make_tiny_config
 
 SET = ["benchmark.num_tasks=3", "benchmark.num_classes=9", "benchmark.train_per_class=7", "benchmark.test_per_class=5",
@@ -52,8 +52,8 @@ def test_shards_reassemble_the_single_process_batches():
 
 
 def test_a_batch_size_the_process_count_does_not_divide_is_a_config_error():
-    from benchmarks.protocol import QueryCache, RunContext, train_phase
-    from benchmarks.runner import prepare
+    from benchmarks.run.protocol import QueryCache, RunContext, train_phase
+    from benchmarks.run.runner import prepare
     from methods.base import Phase
 
     p = prepare(make_tiny_config("linear_probe"))

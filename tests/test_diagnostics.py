@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from benchmarks import diagnostics as D
-from benchmarks.runner import prepare, run_prepared
+from benchmarks.run.runner import prepare, run_prepared
 from conftest import make_tiny_config
 from methods.base import ContinualMethod, MethodOutput, Phase
 

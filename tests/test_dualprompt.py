@@ -145,7 +145,7 @@ def test_bad_settings_are_config_errors():
 # --- ViT-B/16 parameter counts ------------------------------------------------------------------
 
 def test_vit_b_added_parameters_equal_reference_configs():
-    from benchmarks.cost import parameter_counts
+    from benchmarks.cost.engine import parameter_counts
     from methods.backbones import build_model
     from methods.vit import PromptedViT
 

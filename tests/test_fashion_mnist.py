@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks.config import BenchmarkConfig
-from benchmarks.datasets import FASHION_MNIST_DEBIAN, find_fashion_mnist, load_dataset
+from benchmarks.data.datasets import FASHION_MNIST_DEBIAN, find_fashion_mnist, load_dataset
 from conftest import make_tiny_config
 
 INSTALL = ("Fashion-MNIST not found in /usr/share/datasets/fashion-mnist; install it with "
@@ -40,7 +40,7 @@ def test_debian_files_are_found_and_decode_to_the_real_data(empty_root):
 
 
 def _run(method: str, root: Path, out: Path) -> dict:
-    from benchmarks.runner import prepare, run_prepared
+    from benchmarks.run.runner import prepare, run_prepared
 
     cfg = make_tiny_config(method, {
         "benchmark": {"data_root": str(root), "num_tasks": 5, "num_classes": None,

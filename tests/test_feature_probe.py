@@ -1,4 +1,4 @@
-"""benchmarks/feature_probe.py: NCM, the task-masked linear head and the joint head on frozen
+"""benchmarks/tools/feature_probe.py: NCM, the task-masked linear head and the joint head on frozen
 features, checked on hand-made feature sets whose answers follow from the geometry."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.feature_probe import (ProbeSettings, joint_probe_accuracy, masked_probe_accuracy, ncm_accuracy,
+from benchmarks.tools.feature_probe import (ProbeSettings, joint_probe_accuracy, masked_probe_accuracy, ncm_accuracy,
                                       probe, scenario_features)
 from conftest import make_tiny_config
 
@@ -78,7 +78,7 @@ def test_scenario_features_are_the_backbone_queries_and_ncm_equals_the_ncm_basel
 
 
 def test_cli_error_is_one_sentence_with_status_2(capsys):
-    from benchmarks.feature_probe import main
+    from benchmarks.tools.feature_probe import main
 
     # the synthetic benchmark renders exactly the images a run uses: none is left for the MLP
     assert main(["-b", "synthetic", "--features", "indomain"]) == 2

@@ -181,7 +181,7 @@ def test_slca_shrunk_mean_and_logit_norm_loss_by_hand():
 
 
 def test_slca_trains_backbone_with_fresh_norm_and_slow_lr(pv):
-    from benchmarks.cost import trainable_parameter_count
+    from benchmarks.cost.engine import trainable_parameter_count
 
     m = SLCA(pv, 6, SLCA.Config())
     assert pv.trainable and all(p.requires_grad for p in pv.parameters())
@@ -219,7 +219,7 @@ def test_slca_aligns_then_restores_raw_heads(pv):
 
 
 def test_only_backbone_training_methods_unfreeze_it():
-    from benchmarks.runner import prepare
+    from benchmarks.run.runner import prepare
     from conftest import make_tiny_config
     from methods.registry import list_methods
 
@@ -330,7 +330,7 @@ def test_cosine_epoch_schedule_is_torch_cosine_annealing_per_epoch():
     """The references' CosineAnnealingLR(T_max=epochs, eta_min=min_lr), stepped once per epoch:
     constant within an epoch, (1 + cos(π·e/E))/2 of the way from min_lr to lr at epoch e."""
     from benchmarks.config import TrainConfig
-    from benchmarks.protocol import schedule_factor
+    from benchmarks.run.protocol import schedule_factor
 
     t = TrainConfig(epochs=4, lr=0.1, min_lr=0.02, schedule="cosine_epoch")
     want = [0.1, 0.02 + 0.08 * (1 + math.cos(math.pi / 4)) / 2, 0.06, 0.02 + 0.08 * (1 - math.cos(math.pi / 4)) / 2]

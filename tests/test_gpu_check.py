@@ -113,7 +113,7 @@ def test_precision_and_loader_and_missing_references(cpu_check):
 
 
 def test_reference_checkouts_are_found_under_any_of_their_names(tmp_path):
-    from benchmarks.gpu_check import find_reference
+    from benchmarks.tools.gpu_check import find_reference
 
     for d in ("l2p", "coda_prompt", "Minhchuyentoancbn+SMoPE", "dualprompt-pytorch"):
         (tmp_path / d).mkdir()
@@ -125,7 +125,7 @@ def test_reference_checkouts_are_found_under_any_of_their_names(tmp_path):
 
 
 def test_logit_difference_by_hand():
-    from benchmarks.gpu_check import logit_difference
+    from benchmarks.tools.gpu_check import logit_difference
 
     a = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
     b = torch.tensor([[1.5, 1.0], [3.0, 0.5]])
@@ -135,7 +135,7 @@ def test_logit_difference_by_hand():
 
 
 def test_peak_table_picks_the_right_variant():
-    from benchmarks.gpu_check import table_peak_tflops
+    from benchmarks.tools.gpu_check import table_peak_tflops
 
     # dense bf16 tensor-core peaks of the data sheets
     assert table_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4

@@ -231,7 +231,7 @@ def test_prompted_cls_matches_hand_written_attention_and_zero_prompts_dilute(mic
 
 
 def test_vit_b16_added_parameters_equal_reference_configuration():
-    from benchmarks.cost import parameter_counts
+    from benchmarks.cost.engine import parameter_counts
     from methods.backbones import build_model
     from methods.vit import PromptedViT
 

@@ -231,7 +231,7 @@ def vit_b():
 
 
 def _added(vit_b, preset: str, bench: str, classes: int, overrides=None) -> int:
-    from benchmarks.cost import parameter_counts
+    from benchmarks.cost.engine import parameter_counts
 
     cfg = resolve_config("l2p", bench, preset, overrides)
     with torch.device("meta"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks.config import ConfigError, TrainConfig
-from benchmarks.protocol import build_optimizer
+from benchmarks.run.protocol import build_optimizer
 from methods.base import Task
 from methods.norga import NoRGa, gated_scores
 
@@ -107,7 +107,7 @@ def test_gate_trains_with_the_prompt_lr_in_the_first_task_only(micro_backbone):
 
 
 def test_vit_b16_added_parameters_match_the_reference_configuration_and_the_poster():
-    from benchmarks.cost import parameter_counts
+    from benchmarks.cost.engine import parameter_counts
     from methods.backbones import build_model
     from methods.vit import PromptedViT
 
@@ -139,7 +139,7 @@ def test_imagenet_r_schedule_is_timms_epoch_cosine_stepped_after_each_epoch():
     # (t_initial 150, lr_min 1e-5): epoch 0 and 1 at the base lr, epoch e at t = e − 1, constant
     # within the epoch. By hand for K = 4, lr_min 0: 1, 1, (1 + cos(π/4))/2, (1 + cos(π/2))/2
     from benchmarks.config import resolve_config
-    from benchmarks.protocol import schedule_factor
+    from benchmarks.run.protocol import schedule_factor
 
     t = TrainConfig(schedule="timm_cosine", epochs=4, min_lr=0.0)
     want = [1.0, 1.0, (1 + math.sqrt(0.5)) / 2, 0.5]

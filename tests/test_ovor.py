@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks.config import ConfigError, TrainConfig
-from benchmarks.protocol import schedule_factor
+from benchmarks.run.protocol import schedule_factor
 from methods.base import Task
 from methods.ovor import OVOR, energy_loss, kth_neighbour_sqdist, synthesize_outliers, vor_batches
 
@@ -167,7 +167,7 @@ def test_vor_stage_in_a_tiny_run(tiny_run):
 
 
 def test_vit_b16_added_parameters_match_the_reference_configuration_and_the_poster():
-    from benchmarks.cost import parameter_counts
+    from benchmarks.cost.engine import parameter_counts
     from methods.backbones import build_model
     from methods.vit import PromptedViT
 

@@ -1,4 +1,4 @@
-"""The parity harness (benchmarks/parity.py) on small reference stand-ins written here.
+"""The parity harness (benchmarks/tools/parity.py) on small reference stand-ins written here.
 
 No authors' checkout is needed: a stand-in :class:`Side` (a linear head on pixels, with its own
 initialisation, schedule, loader and transforms) plays the reference, with one difference planted
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 from torch import Tensor
 
-from benchmarks.parity import (DEVIATION, FAIL, PASS, Row, Side, Step, compare_init, ks_critical, ks_distance,
+from benchmarks.tools.parity import (DEVIATION, FAIL, PASS, Row, Side, Step, compare_init, ks_critical, ks_distance,
                                markdown_table, run_sides, probe_image)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,7 +288,7 @@ def test_markdown_folds_passing_rows_and_keeps_failures():
 
 
 def test_record_markdown_names_reference_and_suite_commits_and_counts():
-    from benchmarks.parity import record_markdown
+    from benchmarks.tools.parity import record_markdown
 
     rows = [Row("c", "init", "a", 0.5, 1, PASS), Row("c", "lr", "a", 1e-3, 2e-12, FAIL),
             Row("c", "step", "a", 1.0, 1e-6, DEVIATION, "docs/methods-x.md#y")]
@@ -309,7 +309,7 @@ def test_record_markdown_names_reference_and_suite_commits_and_counts():
 def test_our_side_against_itself_passes_and_sees_a_changed_head_init(micro_backbone, tiny_config):
     """OurSide on the real L2P code (micro ViT): two builds agree on every check; a head
     initialised like timm's on one side is caught by the init check alone."""
-    from benchmarks.parity import OurSide
+    from benchmarks.tools.parity import OurSide
 
     cfg = tiny_config("l2p", {"benchmark": {"num_tasks": 2}, "train": {"epochs": 3, "schedule": "step",
                                                                         "milestones": [1], "gamma": 0.5}})
@@ -351,8 +351,8 @@ def test_cli_missing_or_wrong_ref_is_one_sentence_and_exit_2(tmp_path, capsys):
 def test_reference_layouts_map_element_by_element():
     """The adapters' layout maps, checked at single elements against the layouts as the reference
     code defines them (no checkout needed: the maps are plain tensor functions)."""
-    from benchmarks.parity_coda import coda_maps, pool_maps
-    from benchmarks.parity_jhlee import _e_to_ours, _g_to_ours
+    from benchmarks.tools.parity_coda import coda_maps, pool_maps
+    from benchmarks.tools.parity_jhlee import _e_to_ours, _g_to_ours
 
     # dualprompt-pytorch EPrompt: (layers, 2 = key/value, pool, L, H, d_h); ours (layers, pool, 2L, D),
     # rows [0, L) keys, [L, 2L) values, D = H·d_h
@@ -391,7 +391,7 @@ def test_smope_expert_tensors_map_to_layer_head_expert():
     ``e_pk_<layer>_<expert>_<head>``; ours one (layers, heads, experts, d_h) tensor."""
     from types import SimpleNamespace
 
-    from benchmarks.parity_smope import SMoPEAdapter
+    from benchmarks.tools.parity_smope import SMoPEAdapter
 
     layers, heads, experts, dh = [0, 1, 2], 2, 3, 4
     ours = SimpleNamespace(init={"keys": torch.zeros(len(layers), heads, experts, dh)},
@@ -418,7 +418,7 @@ def test_every_deviation_links_a_docs_heading_and_has_a_case_without_it():
     """A DEVIATION row must link a paragraph that exists, and a documented option the preset
     leaves off must be compared once more with the option set and nothing excused, so that a real
     difference cannot hide behind the documented one."""
-    from benchmarks.parity import load_adapters
+    from benchmarks.tools.parity import load_adapters
 
     for method, adapters in load_adapters().items():
         for adapter in adapters:

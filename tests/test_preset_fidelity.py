@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 from PIL import Image
 
 from benchmarks.config import resolve_config
-from benchmarks.datasets import build_transform
+from benchmarks.data.datasets import build_transform
 
 BIC, BIL = TT.InterpolationMode.BICUBIC, TT.InterpolationMode.BILINEAR
 HIDE_CIFAR_NORM = ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
@@ -137,7 +137,7 @@ PAPER_CODA = [(m, p) for m in ("l2p", "dualprompt", "coda_prompt", "hide_prompt"
 
 @pytest.mark.parametrize("cell", PAPER_CODA, ids=lambda c: "-".join(c))
 def test_paper_and_coda_presets_run_fp32_unless_bf16_is_asked_for(cell):
-    from benchmarks.protocol import resolve_precision
+    from benchmarks.run.protocol import resolve_precision
 
     method, preset = cell
     cfg = resolve_config(method, "cifar100", preset)

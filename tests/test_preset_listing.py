@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_docs_presets_md_is_the_generated_listing():
-    from benchmarks.preset_listing import render_markdown
+    from benchmarks.tables.preset_listing import render_markdown
 
     want = render_markdown()
     have = (ROOT / "docs" / "presets.md").read_text()
@@ -63,7 +63,7 @@ def test_sources_name_the_file_and_key_of_each_value():
 
 
 def test_smope_main_dry_run_cells_all_resolve_from_preset_files():
-    from benchmarks.reproduce import load_table, resolve_run
+    from benchmarks.tables.reproduce import load_table, resolve_run
 
     t = load_table("smope-main")
     n = 0
@@ -72,7 +72,7 @@ def test_smope_main_dry_run_cells_all_resolve_from_preset_files():
             continue
         for col in t.columns:
             cfg = resolve_run(t, row, col, 0, "data", "checkpoints")  # strict: raises on a silent default
-            from benchmarks.reproduce import run_overrides
+            from benchmarks.tables.reproduce import run_overrides
 
             _, src = resolve_with_sources(row.ours, col.benchmark, row.preset or "paper",
                                           run_overrides(row, col, "data", "checkpoints"))

@@ -58,7 +58,7 @@ def fashion(tmp_path, monkeypatch):
 
 
 def test_pool_is_exactly_disjoint_from_every_task_image(fashion):
-    from benchmarks.scenarios import build_scenario
+    from benchmarks.data.scenarios import build_scenario
     from methods.pretrain import in_domain_pool
 
     images, ident = in_domain_pool(fashion, image_size=28)  # native size: the transform only scales to [0,1]
@@ -83,7 +83,7 @@ def test_pool_is_exactly_disjoint_from_every_task_image(fashion):
 
 
 def test_holdout_changes_only_the_training_stream(fashion):
-    from benchmarks.datasets import load_dataset
+    from benchmarks.data.datasets import load_dataset
 
     with_h = load_dataset(fashion, 28)
     without = load_dataset(dataclasses.replace(fashion, pretrain_holdout=0), 28)
@@ -162,7 +162,7 @@ def test_real_pretraining_writes_weights_and_their_description(fashion, monkeypa
 
 
 def test_synthetic_benchmark_refuses_a_holdout():
-    from benchmarks.scenarios import build_scenario
+    from benchmarks.data.scenarios import build_scenario
 
     with pytest.raises(ConfigError, match="pretrain_holdout is not available for synthetic"):
         build_scenario(BenchmarkConfig(name="synthetic", num_classes=4, num_tasks=2, train_per_class=2,

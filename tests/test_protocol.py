@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.config import TrainConfig
-from benchmarks.protocol import (
+from benchmarks.run.protocol import (
     NonFiniteLossError,
     QueryCache,
     RunContext,
@@ -17,8 +17,8 @@ from benchmarks.protocol import (
     schedule_factor,
     train_phase,
 )
-from benchmarks.runner import prepare, run_prepared
-from benchmarks.scenarios import build_scenario
+from benchmarks.run.runner import prepare, run_prepared
+from benchmarks.data.scenarios import build_scenario
 from methods.base import Phase, Task
 from conftest import make_tiny_config
 
@@ -191,7 +191,7 @@ def test_features_only_phase_reads_no_image_once_the_queries_are_cached(monkeypa
     trained TII network equals the one trained from images (same sampler seed, same batches)."""
     from dataclasses import replace as dc_replace
 
-    from benchmarks.scenarios import TaskDataset
+    from benchmarks.data.scenarios import TaskDataset
 
     loads = {"n": 0}
     orig = TaskDataset.__getitem__
@@ -227,7 +227,7 @@ def test_timm_cosine_follows_timm_cosine_lr_scheduler_stepped_after_each_epoch()
     from timm.scheduler import CosineLRScheduler
 
     from benchmarks.config import TrainConfig
-    from benchmarks.protocol import schedule_factor
+    from benchmarks.run.protocol import schedule_factor
 
     base, min_lr, k, steps = 0.03, 1e-5, 6, 4
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)

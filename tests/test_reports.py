@@ -96,7 +96,7 @@ NCM_EPOCHS = 0  # a differing training budget the protocol-difference table must
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Runs folder (1 real run + hand-written results), cost folder, references, and the report of it all."""
-    from benchmarks.runner import prepare, run_prepared
+    from benchmarks.run.runner import prepare, run_prepared
 
     root = tmp_path_factory.mktemp("reports")
     runs = root / "runs"

@@ -1,4 +1,4 @@
-"""``bench.py reproduce`` (benchmarks/reproduce.py, benchmarks/references/tables/*.yaml).
+"""``bench.py reproduce`` (benchmarks/tables/reproduce.py, benchmarks/tables/references/tables/*.yaml).
 
 Expected numbers are derived here: the SMoPE poster's rows from shared/reference/smope.md §6.1,
 SMoPE's added parameters from the expert shapes of smope.md §1.2, the micro ViT's MACs and the
@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 import bench
-from benchmarks import reproduce as R
+from benchmarks.tables import reproduce as R
 from benchmarks.config import ConfigError
-from benchmarks.store import atomic_write_json, config_hash
+from benchmarks.run.store import atomic_write_json, config_hash
 from methods.registry import list_methods
 
 # micro ViT (vit_micro_patch8_32): 32 px / 8 -> 16 patches + [CLS], width 64, MLP 256, 4 heads of 16, 6 blocks
@@ -64,7 +64,7 @@ def fake_result(table_path, runs, row_label, col_id, seed, faa, data="data", ckp
     row = next(r for r in t.rows if r.label == row_label)
     col = next(c for c in t.columns if c.id == col_id)
     cfg = R.resolve_run(t, row, col, seed, data, ckpt)
-    from benchmarks.runner import run_path
+    from benchmarks.run.runner import run_path
 
     path = run_path(cfg, runs, R.run_tag(row, col))
     atomic_write_json(path / "result.json", {"config_hash": config_hash(cfg.to_dict()), "metrics": {"faa": faa},

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import bench
-from benchmarks.store import RunStore
+from benchmarks.run.store import RunStore
 from conftest import ROOT
 
 RUN = ["run", "-b", "synthetic", "-m", "linear_probe", "--device", "cpu", "--quiet", "--set",
@@ -31,8 +31,8 @@ WRAPPER = r'''
 import os, sys, time
 sys.path.insert(0, {root!r})
 import bench
-from benchmarks import runner
-from benchmarks.store import RunStore
+from benchmarks.run import runner
+from benchmarks.run.store import RunStore
 from baselines.linear_probe import LinearProbe
 
 mode, ready = sys.argv[1], sys.argv[2]
@@ -170,7 +170,7 @@ def test_nan_loss_stops_with_one_line_keeps_the_last_good_checkpoint(tmp_path, c
 def test_signal_between_tasks_stops_after_the_task_checkpoint(tmp_path):
     """SIGINT that arrives during a task's evaluation: the task checkpoint is written, then the
     run stops (exit 130 from the CLI), and --resume continues with the next task."""
-    from benchmarks.runner import RunInterrupted, prepare, run_prepared
+    from benchmarks.run.runner import RunInterrupted, prepare, run_prepared
     from conftest import make_tiny_config
 
     cfg = make_tiny_config("ncm")
@@ -200,7 +200,7 @@ def test_sigusr2_hands_over_to_a_previous_handler_after_the_checkpoint(tmp_path)
     the job runs; the run must save its checkpoint first, then call that handler (which requeues
     and exits with SystemExit), leaving status 'interrupted'."""
     from baselines.linear_probe import LinearProbe
-    from benchmarks.runner import prepare, run_prepared
+    from benchmarks.run.runner import prepare, run_prepared
     from conftest import make_tiny_config
 
     store = RunStore(tmp_path / "synthetic-3t" / "linear_probe" / "seed0")

@@ -13,7 +13,7 @@ from test_cli import TINY_SET
 
 
 def test_sig4_rounds_to_four_significant_digits():
-    from benchmarks.runlog import sig4
+    from benchmarks.run.runlog import sig4
 
     assert sig4(0.16035379469394684) == "0.1604"
     assert sig4(95.254) == "95.25" and sig4(100.0) == "100" and sig4(3.0) == "3"
@@ -85,7 +85,7 @@ def test_result_records_measured_throughput_with_device_and_precision(tiny_run_d
 def test_tensorboard_missing_is_one_sentence_and_writes_nothing(tmp_path, capsys, monkeypatch):
     import sys
 
-    from benchmarks.runlog import TENSORBOARD_MISSING
+    from benchmarks.run.runlog import TENSORBOARD_MISSING
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # "import" raises ImportError
     code = bench.main(["run", "-b", "synthetic", "-m", "finetune", "--out", str(tmp_path), "--device", "cpu", "--quiet",
@@ -96,7 +96,7 @@ def test_tensorboard_missing_is_one_sentence_and_writes_nothing(tmp_path, capsys
 
 
 def test_tensorboard_writer_receives_the_epoch_and_eval_scalars(tmp_path):
-    from benchmarks.runlog import RunMetrics
+    from benchmarks.run.runlog import RunMetrics
     from methods.base import Task
 
     class FakeWriter:
@@ -127,7 +127,7 @@ def test_tensorboard_writer_receives_the_epoch_and_eval_scalars(tmp_path):
 
 
 def test_demo_says_which_benchmark_and_why(tmp_path, monkeypatch):
-    import benchmarks.datasets as D
+    import benchmarks.data.datasets as D
     from test_pretrain_in_domain import _fake_fashion
 
     monkeypatch.setenv("PROMPTCL_OFFLINE", "1")

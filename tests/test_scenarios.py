@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from benchmarks.config import BenchmarkConfig, ConfigError
-from benchmarks.scenarios import build_scenario, class_order
-from benchmarks.synthetic import make_synthetic
+from benchmarks.data.scenarios import build_scenario, class_order
+from benchmarks.data.synthetic import make_synthetic
 
 
 def test_seeded_order_is_python_random_shuffle_as_in_smope_and_coda():

@@ -10,11 +10,10 @@ import torch
 
 import bench
 from benchmarks.config import TrainConfig
-from benchmarks.protocol import (QueryCache, RunContext, derive_seed, evaluate, make_loader, resolve_precision,
+from benchmarks.run.protocol import (loader_options, QueryCache, RunContext, derive_seed, evaluate, make_loader, resolve_precision,
                                  seed_everything, train_phase)
-from benchmarks.runner import prepare
-from benchmarks.speed import (InferBatch, PassCounter, TrainStep, apply_run_options, compile_backbone, is_compiled,
-                              loader_options)
+from benchmarks.run.runner import prepare
+from benchmarks.run.speed import (InferBatch, PassCounter, TrainStep, apply_run_options, compile_backbone, is_compiled)
 from conftest import make_tiny_config
 from methods.registry import list_methods
 from test_cli import TINY_SET
@@ -208,7 +207,7 @@ def test_train_step_matches_the_protocol_step():
 def test_refcompare_grad_audit_counts_gradients_of_weights_no_optimiser_updates():
     """The side-by-side harness's audit: a 3x4 weight (+4 bias) that requires grad but is not
     optimised is counted as wasted gradient; a frozen one (requires_grad False) is not."""
-    from benchmarks.refcompare import Side, grad_audit, load_vit_weights
+    from benchmarks.tools.refcompare import Side, grad_audit, load_vit_weights
 
     frozen, wasted, head = torch.nn.Linear(2, 3), torch.nn.Linear(3, 4), torch.nn.Linear(4, 5)
     frozen.requires_grad_(False)

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from benchmarks.runner import prepare, run_prepared
-from benchmarks.store import RunStore, atomic_write_json, config_hash
+from benchmarks.run.runner import prepare, run_prepared
+from benchmarks.run.store import RunStore, atomic_write_json, config_hash
 from conftest import make_tiny_config
 
 
@@ -80,7 +80,7 @@ def test_resume_from_a_task_checkpoint_gives_the_uninterrupted_result(tmp_path):
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
-    from benchmarks.runner import RunError
+    from benchmarks.run.runner import RunError
 
     cfg = make_tiny_config("linear_probe")
     run_prepared(prepare(cfg), tmp_path, log_to_stdout=False)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import bench
-from benchmarks.store import RunStore
+from benchmarks.run.store import RunStore
 
 TINY_SET = ["benchmark.num_tasks=3", "benchmark.num_classes=6", "benchmark.train_per_class=12",
             "benchmark.test_per_class=6", "backbone.pretrained=none", "train.epochs=1", "train.batch_size=8",

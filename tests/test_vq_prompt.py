@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.config import ConfigError, TrainConfig
-from benchmarks.protocol import build_optimizer
+from benchmarks.run.protocol import build_optimizer
 from methods.base import Task
 from methods.vq_prompt import VQPrompt, nearest_prompt, prompt_weights, straight_through, vq_loss
 
@@ -208,7 +208,7 @@ def test_classifier_alignment_runs_after_the_second_task_with_the_reference_iter
 def test_vit_b16_added_parameters_match_the_reference_configuration_and_the_poster():
     import timm
 
-    from benchmarks.cost import parameter_counts
+    from benchmarks.cost.engine import parameter_counts
     from methods.vit import PromptedViT
 
     with torch.device("meta"):  # shapes only: no weights are allocated or drawn

@@ -81,7 +81,7 @@ def test_every_schedule_the_validator_accepts_is_one_the_protocol_runs_and_no_ot
     import dataclasses
 
     from benchmarks.config import SCHEDULES, ConfigError, TrainConfig
-    from benchmarks.protocol import schedule_factor
+    from benchmarks.run.protocol import schedule_factor
 
     for name in SCHEDULES:
         tcfg = dataclasses.replace(TrainConfig(), schedule=name, epochs=4, lr=0.1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import benchmarks.datasets as D
+import benchmarks.data.datasets as D
 from tests.faults.helpers import cli, one_sentence, snapshot
 
 CUB_SET = ["backbone.pretrained=none", "benchmark.num_tasks=4", "benchmark.class_order=natural", "train.epochs=1",

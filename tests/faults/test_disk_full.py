@@ -11,7 +11,7 @@ import stat
 import pytest
 
 import bench
-from benchmarks.store import RunStore
+from benchmarks.run.store import RunStore
 from tests.faults.helpers import cli, half_written, one_sentence, run_args, run_dir, snapshot
 
 FULL = re.compile(r"^error: no space left on \S+ \(mounted on \S+\) while writing (\S+); free some space and run the "

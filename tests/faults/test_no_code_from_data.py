@@ -70,7 +70,7 @@ def test_a_planted_cifar_pickle_runs_nothing(tmp_path, capsys, monkeypatch):
 def test_a_kill_between_the_checkpoint_and_its_digest_never_makes_it_look_damaged(tmp_path, monkeypatch, killed_at):
     import os
 
-    from benchmarks.store import RunStore
+    from benchmarks.run.store import RunStore
 
     store = RunStore(tmp_path / "run")
     store.save_checkpoint({"task": 0, "state": {"w": torch.zeros(3)}})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.store import RunStore
+from benchmarks.run.store import RunStore
 from tests.faults.helpers import TINY_SET, cli, one_sentence, run_args, run_dir, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]

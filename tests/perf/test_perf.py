@@ -1,6 +1,6 @@
 """Perf suite (pytest-benchmark): ``pytest tests/perf --benchmark-only`` or ``make perf``.
 
-Per registered method and training phase, a training step (``benchmarks.speed.TrainStep``: the
+Per registered method and training phase, a training step (``benchmarks.run.speed.TrainStep``: the
 protocol's step, query pass included) and an inference batch (every pass, no cache) on
 
 * the micro ViT on CPU, fp32 (methods sized by the ``quick`` preset), always;
@@ -29,8 +29,8 @@ import pytest
 import torch
 
 from benchmarks.config import resolve_config
-from benchmarks.cost_report import build_method, make_tasks, random_backbone, resolve_method_config
-from benchmarks.speed import InferBatch, PassCounter, TrainStep, compile_backbone, synchronize
+from benchmarks.tables.cost_table import build_method, make_tasks, random_backbone, resolve_method_config
+from benchmarks.run.speed import InferBatch, PassCounter, TrainStep, compile_backbone, synchronize
 from methods.backbones import create_backbone
 from methods.registry import list_methods
 from methods.vit import PromptedViT
@@ -180,8 +180,8 @@ def test_inference_batch_vit_b16_cuda(benchmark, name, precision):
 # --- the query cache in evaluation ---------------------------------------------------------
 
 def evaluation_setup(name: str, backbone: str, device: str):
-    from benchmarks.protocol import QueryCache, RunContext, resolve_precision
-    from benchmarks.runner import prepare
+    from benchmarks.run.protocol import QueryCache, RunContext, resolve_precision
+    from benchmarks.run.runner import prepare
 
     over: Dict[str, Any] = {"backbone": {"name": backbone, "pretrained": "none"}, "device": device, "quiet": True,
                             "train": {"num_workers": 0}}
@@ -206,7 +206,7 @@ def test_evaluation_with_query_cache(benchmark, name, device, cache):
     """The evaluation after the last task, after an earlier evaluation filled the cache: with the
     cache every image costs one (prompted) pass, without it two (query + prompted). The cached
     row's note gives its time relative to the uncached one (about 0.5 plus the loader's share)."""
-    from benchmarks.protocol import QueryCache, evaluate
+    from benchmarks.run.protocol import QueryCache, evaluate
 
     p, run = evaluation_setup(name, MICRO if device == "cpu" else VIT_B, device)
     task = p.scenario.tasks[-1]

@@ -1,6 +1,6 @@
 """Measured speed of a method: training-step and inference images/s, and peak memory.
 
-A training step is what the protocol runs (``benchmarks/protocol.py``): the method's forward with
+A training step is what the protocol runs (``benchmarks/run/protocol.py``): the method's forward with
 ``query=None`` (so a 2-pass method pays its query pass, as with augmented training images), the
 masked loss plus the method's auxiliary loss, backward and an optimiser step over the phase's
 parameter groups. Inference is the evaluation forward with every pass (no query cache). Each
@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from benchmarks.config import TrainConfig
-from benchmarks.protocol import build_optimizer, logit_mask
+from benchmarks.run.protocol import build_optimizer, logit_mask
 from methods.base import ContinualMethod, Phase, Task
 
 
@@ -114,7 +114,7 @@ def run_images(method: ContinualMethod, tasks: list, train_cfg: TrainConfig, tra
     """Images a full run of ``method`` processes: training images × epochs of every phase of
     every task (cumulative data for joint training), and evaluation images (every seen task after
     each task). ``begin_task`` is called for every task in order."""
-    from benchmarks.protocol import phase_config
+    from benchmarks.run.protocol import phase_config
 
     train = 0.0
     evals = 0.0

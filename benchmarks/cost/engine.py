@@ -16,7 +16,7 @@ registers. Definitions (docs/cost.md has the long version):
   usage counters) by the method's own accounting (``ContinualMethod.state_numbers``); bytes use
   each tensor's dtype (class statistics are float64, 8 bytes).
 * MACs per image (one multiply-add = 1; GFLOPs = 2 × GMACs) of every forward pass the method
-  needs, counted by fvcore (:mod:`benchmarks.flops`): inference with ``query=None`` so that the
+  needs, counted by fvcore (:mod:`benchmarks.cost.flops`): inference with ``query=None`` so that the
   query pass is included, training per phase with its backward (input gradients through the
   frozen backbone, weight gradients only for trainable weights).
 """
@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from benchmarks.flops import OpCount, count_ops, single_thread
+from benchmarks.cost.flops import OpCount, count_ops, single_thread
 from methods.base import ContinualMethod, Task
 
 GIGA = 1e9
@@ -353,9 +353,3 @@ def run_cost(method: ContinualMethod, scenario: Any) -> Dict[str, Any]:
     out["units"] = "params and state in numbers; gmacs: 1e9 multiply-adds per image; gflops = 2 x gmacs"
     return out
 
-
-def cli(args: Any) -> int:
-    """``bench.py cost``: see :mod:`benchmarks.cost_report`."""
-    from benchmarks.cost_report import main
-
-    return main(args)

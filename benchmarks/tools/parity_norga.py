@@ -1,5 +1,5 @@
 """Parity adapter for NoRGa (Minhchuyentoancbn/MoE_PromptCL), a fork of HiDe-Prompt: the HiDe adapter
-(:mod:`benchmarks.parity_hide`) on NoRGa's ``vits/norga_prompt_vision_transformer.py`` and
+(:mod:`benchmarks.tools.parity_hide`) on NoRGa's ``vits/norga_prompt_vision_transformer.py`` and
 ``engines/norga_prompt_engine.py``, with the flags of ``scripts/{cifar100,imr,cub}_Sup21k_NoRGa.sh``
 (prompt stage; one process of 128 images). Their ``create_model`` call passes ``gate_act``
 (``trainers/norgaprompt_trainer.py``), which the shared builder does not, so it is added here; the
@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from benchmarks.parity import Case, Side, register_adapter
-from benchmarks.parity_hide import HidePromptAdapter, HideSide, PromptSlots, _prompt_to_ours, tii_names
+from benchmarks.tools.parity import Case, Side, register_adapter
+from benchmarks.tools.parity_hide import HidePromptAdapter, HideSide, PromptSlots, _prompt_to_ours, tii_names
 
 
 def six_stub() -> None:

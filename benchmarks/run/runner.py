@@ -3,7 +3,7 @@
 Everything that can fail because of user input (config, backbone, checkpoint, data, the state of
 the run directory) is checked *before* the run directory is written, so bad input leaves nothing
 behind. Checkpoints, resume, stop signals and the status file are described in
-``run_prepared`` and docs/reliability.md; data-parallel runs in benchmarks/distributed.py.
+``run_prepared`` and docs/reliability.md; data-parallel runs in benchmarks/run/distributed.py.
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from benchmarks import distributed as dist_util
+from benchmarks.run import distributed as dist_util
 from benchmarks import metrics as M
 from benchmarks.config import ConfigError, RunConfig
-from benchmarks.protocol import (
+from benchmarks.run.protocol import (
     EvalResult,
     NonFiniteLossError,
     QueryCache,
@@ -39,15 +39,15 @@ from benchmarks.protocol import (
     rng_state,
     train_phase,
 )
-from benchmarks.runlog import RunMetrics, fmt_elapsed, require_tensorboard, sig4
-from benchmarks.scenarios import Scenario, build_scenario
-from benchmarks.store import CHECKPOINT_FORMAT, DamagedFileError, RunStore, config_hash, now, run_dir, validate_tag
+from benchmarks.run.runlog import RunMetrics, fmt_elapsed, require_tensorboard, sig4
+from benchmarks.data.scenarios import Scenario, build_scenario
+from benchmarks.run.store import CHECKPOINT_FORMAT, DamagedFileError, RunStore, config_hash, now, run_dir, validate_tag
 from methods.backbones import BackboneInfo, create_backbone
 from methods.base import ContinualMethod, Task
 from methods.registry import create_method
 
 SCHEMA_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class RunError(RuntimeError):
@@ -136,11 +136,11 @@ def prepare(cfg: RunConfig, tag: Optional[str] = None) -> Prepared:
     seed_everything(derive_seed(cfg.seed, "method"))
     method = create_method(cfg.method_name, backbone, scenario.num_classes, cfg.method,
                            num_tasks=scenario.num_tasks).to(device)
-    from benchmarks.speed import apply_run_options
+    from benchmarks.run.speed import apply_run_options
 
     apply_run_options(method, cfg)  # --compile: torch.compile the backbone passes (lazily, at first call)
     check_epochs(cfg, method, scenario)
-    from benchmarks.datasets import _DEFAULT_TASKS
+    from benchmarks.data.datasets import _DEFAULT_TASKS
 
     label = benchmark_label(cfg, _DEFAULT_TASKS.get(cfg.benchmark.name, cfg.benchmark.num_tasks))
     mlabel = cfg.method_name if not tag else f"{cfg.method_name}@{tag}"
@@ -233,7 +233,7 @@ class RunPlan:
 
 def run_path(cfg: RunConfig, out: str | Path, tag: Optional[str] = None) -> Path:
     """``<out>/<benchmark>/<method[@tag]>/seed<k>`` of a config, without building anything."""
-    from benchmarks.datasets import _DEFAULT_TASKS
+    from benchmarks.data.datasets import _DEFAULT_TASKS
 
     validate_tag(tag)
     label = benchmark_label(cfg, _DEFAULT_TASKS.get(cfg.benchmark.name, cfg.benchmark.num_tasks))
@@ -385,7 +385,7 @@ def run_prepared(p: Prepared, out: str | Path, resume: bool = False, overwrite: 
                     os.replace(kept, config)  # a rename: works on a full disk too
                 else:
                     try:
-                        from benchmarks.store import atomic_write_text
+                        from benchmarks.run.store import atomic_write_text
 
                         atomic_write_text(config, old_config.decode())
                     except Exception:
@@ -592,11 +592,11 @@ def _run_planned(p: Prepared, plan: RunPlan, dctx: dist_util.DistContext, log_to
 
 def measured_throughput(p: Prepared, batch_size: int) -> Dict[str, Any]:
     """Training-step and inference images/s of the trained method, measured here at the end of the
-    run (on a copy, RNG untouched; benchmarks/throughput.py), with the device and precision named.
+    run (on a copy, RNG untouched; benchmarks/run/throughput.py), with the device and precision named.
 
     The report's throughput columns read these; timing the run's own epochs instead would mix in
     data loading and the query cache."""
-    from benchmarks.throughput import measure
+    from benchmarks.run.throughput import measure
 
     try:
         devices = [torch.cuda.current_device()] if p.device.type == "cuda" else []
@@ -615,7 +615,7 @@ def measured_throughput(p: Prepared, batch_size: int) -> Dict[str, Any]:
 
 def build_result(p: Prepared, acc, tii, seen_acc, selection, timing, chash: str, run: RunContext) -> Dict[str, Any]:
     from benchmarks import diagnostics as D
-    from benchmarks.cost import run_cost
+    from benchmarks.cost.engine import run_cost
 
     cfg, method = p.cfg, p.method
     has_tii = any(v is not None for row in tii for v in row)

@@ -295,15 +295,15 @@ def _missing(what: str, layout: str, source: str, detail: str = "") -> DataError
 
 @register_dataset("synthetic", default_tasks=5)
 def load_synthetic(cfg: BenchmarkConfig, image_size: int) -> Tuple[DatasetSplit, DatasetSplit, DatasetInfo]:
-    """Procedural classes (``benchmarks/synthetic.py``), namespace 'cl', disjoint from pretraining."""
-    from benchmarks.synthetic import make_synthetic
+    """Procedural classes (``benchmarks/data/synthetic.py``), namespace 'cl', disjoint from pretraining."""
+    from benchmarks.data.synthetic import make_synthetic
 
     n_cls = cfg.num_classes or 10
     size = image_size
     xtr, ytr = make_synthetic(range(n_cls), cfg.train_per_class or 100, size, "cl", "train")
     xte, yte = make_synthetic(range(n_cls), cfg.test_per_class or 50, size, "cl", "test")
     names = [f"syn{c}" for c in range(n_cls)]
-    info = DatasetInfo("synthetic", n_cls, size, 5, "procedural (benchmarks/synthetic.py), no download")
+    info = DatasetInfo("synthetic", n_cls, size, 5, "procedural (benchmarks/data/synthetic.py), no download")
     return (
         DatasetSplit(ytr.numpy(), images=xtr, class_names=names),
         DatasetSplit(yte.numpy(), images=xte, class_names=names),
@@ -644,7 +644,7 @@ def load_imagenet_r(cfg: BenchmarkConfig, image_size: int) -> Tuple[DatasetSplit
         train_e, test_e = [entries[i] for i in tr], [entries[i] for i in te]
         names = classes
     else:
-        from methods.backbones import sha256_file
+        from methods.checkpoints import sha256_file
 
         files = coda_split_files(cfg)
         for f in files:

@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from benchmarks.parity import Adapter, Case, Side, register_adapter
-from benchmarks.parity_jhlee import JHLeeSide
+from benchmarks.tools.parity import Adapter, Case, Side, register_adapter
+from benchmarks.tools.parity_jhlee import JHLeeSide
 
 PROCESSES = 8  # --nproc_per_node of the training scripts
 

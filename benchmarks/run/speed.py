@@ -4,13 +4,13 @@ the perf suite (a training step exactly as the protocol runs it, an inference ba
 What makes a run fast, and where it lives (docs/speed.md has the measurements):
 
 * fp32 by default, as the reference codes; bf16 autocast on request (``--precision bf16``, or
-  ``auto`` = bf16 on CUDA; ``benchmarks/protocol.py`` ``resolve_precision``); ``env.precision`` records it;
+  ``auto`` = bf16 on CUDA; ``benchmarks/run/protocol.py`` ``resolve_precision``); ``env.precision`` records it;
 * frozen backbone weights have ``requires_grad=False`` (``methods/vit.py``), so backward computes
   only input gradients through them, never weight gradients;
 * fused attention (``F.scaled_dot_product_attention``) in every pass, prefixes included;
 * the query-feature cache (``protocol.QueryCache``): one frozen query pass per test image for the
   whole run instead of one per evaluation;
-* loaders with worker processes and pinned memory on CUDA (:func:`loader_options`);
+* loaders with worker processes and pinned memory on CUDA (:func:`benchmarks.run.protocol.loader_options`);
 * optional ``torch.compile`` of the backbone passes (``--compile``, :func:`compile_backbone`).
 """
 from __future__ import annotations
@@ -65,25 +65,6 @@ def apply_run_options(method: ContinualMethod, cfg: Any) -> None:
 
 # --- data loading ----------------------------------------------------------------------------
 
-def loader_options(tcfg: TrainConfig, device: Optional[torch.device]) -> Dict[str, Any]:
-    """DataLoader keyword arguments for ``train.num_workers`` workers on ``device``.
-
-    * ``pin_memory`` on CUDA only: page-locked host batches make ``.to(device, non_blocking=True)``
-      an asynchronous copy that overlaps the previous step;
-    * ``persistent_workers`` off: the protocol builds a new, freshly seeded loader for every epoch
-      and every evaluated task (that is what makes runs and resumes reproducible), and a worker
-      outlives only the iterations of its own loader object, so keeping workers alive would only
-      hold processes. Starting them costs well under a second per loader (docs/speed.md), against
-      minutes per epoch of a ViT-B/16 run;
-    * ``prefetch_factor`` stays torch's default (2 batches per worker): with 8 workers, 16
-      224-px batches of 128 images (1.2 GB of pinned float32) are already in flight.
-    """
-    return {
-        "num_workers": int(tcfg.num_workers),
-        "pin_memory": device is not None and device.type == "cuda",
-        "persistent_workers": False,
-    }
-
 
 # --- timed units -----------------------------------------------------------------------------
 
@@ -99,7 +80,7 @@ class TrainStep:
 
     def __init__(self, method: ContinualMethod, task: Task, x: Tensor, y: Tensor, tcfg: TrainConfig,
                  phase: Optional[Phase] = None, amp_dtype: Optional[torch.dtype] = None) -> None:
-        from benchmarks.protocol import build_optimizer, logit_mask, phase_config
+        from benchmarks.run.protocol import build_optimizer, logit_mask, phase_config
 
         self.method, self.x, self.y = method, x, y
         self.phase = phase if phase is not None else method.phases(task)[-1]

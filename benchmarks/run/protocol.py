@@ -20,7 +20,7 @@ Decisions that every method shares live here, once:
   ``rng_state``);
 * stop requests (SIGINT / SIGTERM, ``RunContext.should_stop``) are honoured after the current
   optimiser step, through ``RunContext.on_stop`` (the runner saves a checkpoint there);
-* data parallelism (``RunContext.dist``, see ``benchmarks/distributed.py``): each rank trains on
+* data parallelism (``RunContext.dist``, see ``benchmarks/run/distributed.py``): each rank trains on
   its slice of the same global batches with gradients summed over ranks, and evaluates a shard
   of each test set;
 * precision: fp32 by default, as every reference; bf16 autocast only on request
@@ -42,13 +42,33 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from benchmarks.config import ConfigError, TrainConfig, apply_mapping
-from benchmarks.distributed import SINGLE, DistContext, agree, all_reduce_grads, gather_objects, shard_bounds
-from benchmarks.scenarios import Scenario, TaskDataset
+from benchmarks.run.distributed import SINGLE, DistContext, agree, all_reduce_grads, gather_objects, shard_bounds
+from benchmarks.data.scenarios import Scenario, TaskDataset
 from methods.base import ContinualMethod, MethodOutput, Phase, Task
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
+
+
+def loader_options(tcfg: TrainConfig, device: Optional[torch.device]) -> Dict[str, Any]:
+    """DataLoader keyword arguments for ``train.num_workers`` workers on ``device``.
+
+    * ``pin_memory`` on CUDA only: page-locked host batches make ``.to(device, non_blocking=True)``
+      an asynchronous copy that overlaps the previous step;
+    * ``persistent_workers`` off: the protocol builds a new, freshly seeded loader for every epoch
+      and every evaluated task (that is what makes runs and resumes reproducible), and a worker
+      outlives only the iterations of its own loader object, so keeping workers alive would only
+      hold processes. Starting them costs well under a second per loader (docs/speed.md), against
+      minutes per epoch of a ViT-B/16 run;
+    * ``prefetch_factor`` stays torch's default (2 batches per worker): with 8 workers, 16
+      224-px batches of 128 images (1.2 GB of pinned float32) are already in flight.
+    """
+    return {
+        "num_workers": int(tcfg.num_workers),
+        "pin_memory": device is not None and device.type == "cuda",
+        "persistent_workers": False,
+    }
 
 
 def derive_seed(*parts: object) -> int:
@@ -231,11 +251,10 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, tcf
                 drop_last: bool = False, device: Optional[torch.device] = None,
                 shard: Optional[Tuple[int, int]] = None) -> DataLoader:
     """A seeded loader; ``shard=(rank, world)`` yields rank's slice of the same global batches."""
-    from benchmarks.speed import loader_options
 
     g = torch.Generator().manual_seed(seed)
     if shard is not None and shard[1] > 1:
-        from benchmarks.distributed import ShardedBatchSampler, global_batch_sampler
+        from benchmarks.run.distributed import ShardedBatchSampler, global_batch_sampler
 
         # generator=g as well: the loader draws its worker base seed from it before the sampler
         # draws the permutation, exactly as the unsharded loader below does.
@@ -248,7 +267,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, tcf
         shuffle=shuffle,
         generator=g,
         drop_last=drop_last and len(dataset) >= batch_size,
-        **loader_options(tcfg, device),  # workers, pinned memory on CUDA (benchmarks/speed.py)
+        **loader_options(tcfg, device),  # workers, pinned memory on CUDA 
     )
 
 
@@ -320,7 +339,7 @@ class RunContext:
     # Stop requests (signals): polled after every optimiser step; on_stop saves and raises.
     should_stop: Optional[Callable[[], bool]] = None
     on_stop: Optional[Callable[..., None]] = None
-    dist: DistContext = SINGLE  # data-parallel rank / world size (benchmarks/distributed.py)
+    dist: DistContext = SINGLE  # data-parallel rank / world size (benchmarks/run/distributed.py)
 
     def autocast(self):
         if self.amp_dtype is None:

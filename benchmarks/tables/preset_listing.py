@@ -114,7 +114,7 @@ def cell_values(cfg: RunConfig, sources: Dict[str, str]) -> Dict[str, Tuple[str,
 def resolved_cells(methods: Optional[Sequence[str]] = None, presets: Optional[Sequence[str]] = None,
                    benchmarks: Optional[Sequence[str]] = None) -> List[ResolvedCell]:
     """Every method × preset × benchmark (registered / available when not given), resolved strictly."""
-    from benchmarks.datasets import list_datasets
+    from benchmarks.data.datasets import list_datasets
     from methods.registry import list_methods
 
     cells: List[ResolvedCell] = []
@@ -171,7 +171,7 @@ its preset with the error `bench.py run` gives. `--set` / command-line flags com
 `epochs` and `lr` are the main training phase's; methods with further phases (SMoPE's dense
 warm-up, HiDe-Prompt's TII stage, alignment) configure them in their `method` section
 (docs/methods-*.md). S is the backbone's input size. Interpolation: the train and test transform
-names are those of `benchmarks/datasets.py` (docs/data.md §3).
+names are those of `benchmarks/data/datasets.py` (docs/data.md §3).
 """
 
 

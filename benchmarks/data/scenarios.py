@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset
 
 from benchmarks.config import BenchmarkConfig, ConfigError
-from benchmarks.datasets import DatasetInfo, DatasetSplit, build_transform, load_dataset
+from benchmarks.data.datasets import DatasetInfo, DatasetSplit, build_transform, load_dataset
 from methods.base import Task
 
 CLASS_ORDERS = ("seeded", "natural", "coda", "numpy")

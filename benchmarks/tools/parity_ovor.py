@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks.parity import Adapter, Case, Side, Step, register_adapter
-from benchmarks.refcompare import quiet
+from benchmarks.tools.parity import Adapter, Case, Side, Step, register_adapter
+from benchmarks.tools.refcompare import quiet
 
 G_LAYERS, E_LAYERS = (0, 1), (2, 3, 4)
 

@@ -73,7 +73,7 @@ class RunMetrics:
     def _write(self, row: Dict[str, Any]) -> None:
         if not self.writable:
             return
-        from benchmarks.store import append_line
+        from benchmarks.run.store import append_line
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         append_line(self.path, json.dumps(row))

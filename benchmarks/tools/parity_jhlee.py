@@ -1,6 +1,6 @@
 """Parity adapters for the JH-LEE-KR code bases: L2P (JH-LEE-KR/l2p-pytorch) and DualPrompt
 (JH-LEE-KR/dualprompt-pytorch), run from a local checkout (``--ref``) under this project's timm
-with the shims of :mod:`benchmarks.refcompare` (nothing of the references is copied here).
+with the shims of :mod:`benchmarks.tools.refcompare` (nothing of the references is copied here).
 
 The reference side does what their ``main.py`` does for ``configs/<config>.py``: arguments parsed
 by the config's own parser, the original (query) model and the prompted model from
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks.parity import Adapter, Case, Side, Step, register_adapter
-from benchmarks.refcompare import JHLEE_MODEL_KWARGS, quiet, timm06_shim
+from benchmarks.tools.parity import Adapter, Case, Side, Step, register_adapter
+from benchmarks.tools.refcompare import JHLEE_MODEL_KWARGS, quiet, timm06_shim
 
 
 def cpu_shims() -> None:

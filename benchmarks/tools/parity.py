@@ -27,7 +27,7 @@ exists on one side only, a shape mismatch).
 
 Adding a method to parity (docs/parity.md has the long form)
 -----------------------------------------------------------
-Write ``benchmarks/parity_<name>.py`` (every ``benchmarks/parity_*.py`` module is imported when
+Write ``benchmarks/tools/parity_<name>.py`` (every ``benchmarks/tools/parity_*.py`` module is imported when
 the harness looks adapters up) with one :class:`Adapter` subclass per method::
 
     @register_adapter
@@ -292,7 +292,7 @@ class OurSide(Side):
     buffers: List[str] = []
 
     def __init__(self, name: str, cfg: Any, vit: nn.Module, seed: int = 0) -> None:
-        from benchmarks.cost_report import benchmark_classes, build_method, make_tasks
+        from benchmarks.tables.cost_table import benchmark_classes, build_method, make_tasks
         from methods.vit import PromptedViT
 
         self.cfg = cfg
@@ -328,12 +328,12 @@ class OurSide(Side):
         return out
 
     def eval_logits(self, x: Tensor) -> Tensor:
-        from benchmarks.speed import InferBatch
+        from benchmarks.run.speed import InferBatch
 
         return InferBatch(self.method, x)()
 
     def train_step(self, x: Tensor, y: Tensor) -> Step:
-        from benchmarks.speed import TrainStep
+        from benchmarks.run.speed import TrainStep
 
         step = TrainStep(self.method, self.tasks[TASK], x, y, self.cfg.train)
         seen: List[Any] = []
@@ -352,7 +352,7 @@ class OurSide(Side):
         return Step(out.logits.detach(), losses, grads, self.tensors())
 
     def lrs(self, steps_per_epoch: int) -> Dict[str, Tensor]:
-        from benchmarks.protocol import build_optimizer, build_scheduler, phase_config
+        from benchmarks.run.protocol import build_optimizer, build_scheduler, phase_config
 
         phase = self.method.phases(self.tasks[TASK])[-1]
         tcfg = phase_config(self.cfg.train, phase)
@@ -371,14 +371,14 @@ class OurSide(Side):
                 for n, p in method_tensors(self.method).items() if id(p) in per_param}
 
     def steps_per_epoch(self, images: int) -> int:
-        from benchmarks.protocol import phase_config
+        from benchmarks.run.protocol import phase_config
 
         tcfg = phase_config(self.cfg.train, self.method.phases(self.tasks[TASK])[-1])
         drop = tcfg.drop_last and images >= tcfg.batch_size
         return images // tcfg.batch_size if drop else math.ceil(images / tcfg.batch_size)
 
     def pixels(self, t: Tensor) -> Tensor:
-        from benchmarks.datasets import _NORMS
+        from benchmarks.data.datasets import _NORMS
 
         norm = _NORMS.get(self.cfg.benchmark.normalize)
         if norm is None:
@@ -387,7 +387,7 @@ class OurSide(Side):
         return t * std + mean
 
     def transform(self, image: np.ndarray, train: bool, seed: int) -> Tensor:
-        from benchmarks.datasets import build_transform
+        from benchmarks.data.datasets import build_transform
 
         native = max(image.shape[:2])
         tf = build_transform(self.cfg.benchmark, self.image_size, native, train)
@@ -396,7 +396,7 @@ class OurSide(Side):
 
 
 class BatchContext:
-    """The part of :class:`benchmarks.protocol.TaskContext` an ``end_task`` uses, over one batch."""
+    """The part of :class:`benchmarks.run.protocol.TaskContext` an ``end_task`` uses, over one batch."""
 
     def __init__(self, side: OurSide, batch: Tuple[Tensor, Tensor]) -> None:
         self.side, self.batch, self.cfg = side, batch, side.cfg
@@ -466,7 +466,7 @@ class Adapter:
         raise NotImplementedError
 
     def ours(self, case: Case, vit: nn.Module, seed: int = 0) -> Side:
-        from benchmarks.cost_report import resolve_method_config
+        from benchmarks.tables.cost_table import resolve_method_config
 
         cfg, _ = resolve_method_config(self.method, case.benchmark, case.preset, case.overrides)
         return OurSide(self.method, cfg, vit, seed)
@@ -505,12 +505,12 @@ def pick_adapter(method: str, ref_dir: str) -> Adapter:
 
 
 def load_adapters() -> Dict[str, List[Adapter]]:
-    """Import every ``benchmarks/parity_*.py`` module (each registers its adapters)."""
-    import benchmarks
+    """Import every ``benchmarks/tools/parity_*.py`` module (each registers its adapters)."""
+    from benchmarks import tools
 
-    for mod in pkgutil.iter_modules(benchmarks.__path__):
+    for mod in pkgutil.iter_modules(tools.__path__):
         if mod.name.startswith("parity_"):
-            importlib.import_module(f"benchmarks.{mod.name}")
+            importlib.import_module(f"benchmarks.tools.{mod.name}")
     return ADAPTERS
 
 
@@ -738,7 +738,7 @@ def run(a: argparse.Namespace) -> int:
         except ConfigError as e:
             raise ParityError(str(e)) from None
         cases = [c for c in adapter.cases() if not a.case or any(c.label.startswith(p) for p in a.case)]
-        from benchmarks.cost_report import resolve_method_config
+        from benchmarks.tables.cost_table import resolve_method_config
 
         for c in cases:
             c.overrides = deep_merge(c.overrides, extra)
@@ -752,14 +752,14 @@ def run(a: argparse.Namespace) -> int:
         print(f"error: {str(e).rstrip('.')}.", file=sys.stderr)
         return 2
     torch.set_num_threads(a.threads)
-    from benchmarks.runner import git_commit
+    from benchmarks.run.runner import git_commit
 
     suite = git_commit()  # before anything runs: the code the numbers come from
     log = lambda s: print(f"  [{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     rows: List[Row] = []
     sys.path.insert(0, os.path.abspath(a.ref))
     t0 = time.time()
-    from benchmarks.cost_report import random_backbone
+    from benchmarks.tables.cost_table import random_backbone
 
     # our ViT once, before any reference is imported (a JH-LEE-KR code base re-registers timm's
     # vit_base_patch16_224 with its own builder)
@@ -796,7 +796,7 @@ def ref_commit(ref_dir: str) -> Optional[str]:
 
 
 if __name__ == "__main__":
-    # run the imported module's main: adapters register into benchmarks.parity, not into __main__
-    from benchmarks.parity import main as _main
+    # run the imported module's main: adapters register into benchmarks.tools.parity, not into __main__
+    from benchmarks.tools.parity import main as _main
 
     sys.exit(_main())

@@ -7,7 +7,7 @@ Layout: ``<out>/<benchmark>/<method>/seed<k>/`` holding
   ``interrupted`` (a stop signal; a checkpoint was saved) / ``done``; a run killed outright
   (SIGKILL, node failure) stays ``running``;
 * ``log.txt``       one line per epoch / task phase / evaluation, with the elapsed time;
-* ``metrics.jsonl`` one JSON object per training epoch and per evaluation (benchmarks/runlog.py);
+* ``metrics.jsonl`` one JSON object per training epoch and per evaluation (benchmarks/run/runlog.py);
   ``tensorboard/`` the same as TensorBoard events with ``--tensorboard``;
 * ``checkpoint.pt`` the state after the last finished task, or mid-task after an epoch
   (``train.checkpoint_every_epochs``) or a stop signal, for ``--resume`` (see runner.py);

@@ -3,12 +3,12 @@
 For each benchmark and method the method is built exactly as a run would build it (the preset's
 method config, ``create_method`` with the scenario's class and task counts) on a randomly
 initialised backbone -- no download, no data: parameter counts and MACs do not depend on weight
-values -- and ``begin_task`` is called for every task. Figures come from :mod:`benchmarks.cost`.
+values -- and ``begin_task`` is called for every task. Figures come from :mod:`benchmarks.cost.engine`.
 
 Outputs (``--out``): ``cost.csv`` (one row per benchmark × method), ``cost.md``, ``cost.tex``,
 ``growth.csv`` (the parameter figures for T = 5, 10, 20 tasks) and ``params_vs_tasks.png`` /
 ``.pdf``. The markdown table is printed. ``--throughput`` adds measured images/s and memory
-(:mod:`benchmarks.throughput`) and an estimated wall-clock for a full preset run.
+(:mod:`benchmarks.run.throughput`) and an estimated wall-clock for a full preset run.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from benchmarks.config import ConfigError, RunConfig, deep_merge, parse_set, preset_layers, resolve_config
-from benchmarks.flops import single_thread
-from benchmarks.cost import (
+from benchmarks.cost.flops import single_thread
+from benchmarks.cost.engine import (
     POSTER_GFLOPS,
     QueryPass,
     flop_summary,
@@ -68,16 +68,14 @@ GROWTH_COLUMNS = ["benchmark", "method", "num_tasks", "added_params", "allocated
 
 def split_names(values: Optional[Sequence[str]]) -> List[str]:
     """``-b a,b c`` -> ``[a, b, c]`` (the CLI's parsing, shared with ``bench.py run`` and sweeps)."""
-    import bench
-
-    return bench.split_names(values)
+    from benchmarks.run import cli as bench_cli
+    return bench_cli.split_names(values)
 
 
 def expand_methods(names: List[str]) -> List[str]:
     """``all`` / ``methods`` / ``baselines`` / names -> registered names (the CLI's expansion)."""
-    import bench
-
-    return bench.expand_methods(names)
+    from benchmarks.run import cli as bench_cli
+    return bench_cli.expand_methods(names)
 
 
 def resolve_method_config(method: str, benchmark: str, preset: str, overrides: Dict[str, Any]) -> Tuple[RunConfig, str]:
@@ -105,7 +103,7 @@ def benchmark_classes(cfg: RunConfig) -> int:
 
 
 def make_tasks(num_classes: int, num_tasks: int) -> List[Task]:
-    """Equal class splits, as ``benchmarks/scenarios.py`` makes them."""
+    """Equal class splits, as ``benchmarks/data/scenarios.py`` makes them."""
     if num_tasks < 1 or num_classes % num_tasks:
         raise ConfigError(f"{num_classes} classes cannot be split evenly into {num_tasks} tasks")
     per = num_classes // num_tasks
@@ -192,7 +190,7 @@ class MethodSetup:
 
 def setups(benchmarks: List[str], methods: List[str], preset: str, overrides: Dict[str, Any]) -> List[MethodSetup]:
     """Resolve and validate every (benchmark, method) before anything is built or written."""
-    from benchmarks.datasets import list_datasets
+    from benchmarks.data.datasets import list_datasets
 
     out = []
     for b in benchmarks:
@@ -264,9 +262,9 @@ def growth_rows(s: MethodSetup, cache: BackboneCache, task_counts: Sequence[int]
 
 def throughput_row(s: MethodSetup, args: Any, overrides: Dict[str, Any], train_phase: Optional[str]) -> Dict[str, Any]:
     """Measured images/s and memory on ``--device`` (the micro ViT on CPU unless asked otherwise)."""
-    from benchmarks.protocol import resolve_device, resolve_precision
-    from benchmarks.runner import hardware_string
-    from benchmarks.throughput import measure, run_images
+    from benchmarks.run.protocol import resolve_device, resolve_precision
+    from benchmarks.run.runner import hardware_string
+    from benchmarks.run.throughput import measure, run_images
     from methods.backbones import MICRO_CONFIGS
     from methods.vit import PromptedViT
 
@@ -457,7 +455,7 @@ def main(args: Any) -> int:
         raise ConfigError("--threads must be positive")
     todo = setups(benches, methods, args.preset, overrides)  # every config checked before any work
     if args.throughput:
-        from benchmarks.protocol import resolve_device, resolve_precision
+        from benchmarks.run.protocol import resolve_device, resolve_precision
 
         resolve_precision(args.precision, resolve_device(args.device))
     cache = BackboneCache()

@@ -47,7 +47,7 @@ import yaml
 
 from benchmarks.config import ConfigError, RunConfig, deep_merge, parse_set, resolve_config, run_config_from_dict
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GRID_KEYS = ("benchmarks", "methods", "seeds", "presets", "set")
 
 
@@ -109,28 +109,28 @@ def load_grid(path: str) -> Dict[str, Any]:
 
 def expand(args: argparse.Namespace) -> List[Entry]:
     """Resolve every run of the grid (raises ConfigError / UnknownMethodError on bad input)."""
-    import bench
-    from benchmarks.runner import run_path
+    from benchmarks.run import cli as bench_cli
+    from benchmarks.run.runner import run_path
 
     grid = load_grid(args.grid) if args.grid else {}
-    benches = bench.expand_benchmarks([str(b) for b in _as_list(grid.get("benchmarks"), "benchmarks")]
-                                      or bench.split_names(args.benchmark))
+    benches = bench_cli.expand_benchmarks([str(b) for b in _as_list(grid.get("benchmarks"), "benchmarks")]
+                                      or bench_cli.split_names(args.benchmark))
     methods: List[Dict[str, Any]] = []
     for m in _as_list(grid.get("methods"), "methods"):
         if isinstance(m, str):
-            methods += [{"name": n} for n in bench.expand_methods([m])]
+            methods += [{"name": n} for n in bench_cli.expand_methods([m])]
         elif isinstance(m, dict) and isinstance(m.get("name"), str) and set(m) <= {"name", "tag", "set"}:
-            bench.expand_methods([m["name"]])
+            bench_cli.expand_methods([m["name"]])
             methods.append(m)
         else:
             raise ConfigError(f"a grid method must be a name or a mapping with name, tag and set; got {m!r}")
     if not methods:
-        methods = [{"name": n} for n in bench.expand_methods(bench.split_names(args.method))]
+        methods = [{"name": n} for n in bench_cli.expand_methods(bench_cli.split_names(args.method))]
     seeds = _as_list(grid.get("seeds"), "seeds") or list(args.seeds)
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"grid seeds must be integers, got {seeds!r}")
     presets = [str(p) for p in _as_list(grid.get("presets"), "presets")] or [args.preset]
-    common = deep_merge(_overrides(grid.get("set"), "the grid's"), bench.cli_overrides(args))
+    common = deep_merge(_overrides(grid.get("set"), "the grid's"), bench_cli.cli_overrides(args))
     entries: List[Entry] = []
     for preset in presets:
         for b in benches:
@@ -152,15 +152,15 @@ def expand(args: argparse.Namespace) -> List[Entry]:
 
 def plan(entries: List[Entry], overwrite: bool) -> None:
     """Validate every config (built once on CPU) and decide skip / resume / start per run."""
-    from benchmarks.runner import plan_run, validate_configs
+    from benchmarks.run.runner import plan_run, validate_configs
 
     by_tag: Dict[Optional[str], List[RunConfig]] = {}
     for e in entries:
         by_tag.setdefault(e.tag, []).append(e.cfg)
     for tag, cfgs in by_tag.items():
         validate_configs(cfgs, tag=tag)
-    from benchmarks.runner import DamagedResultError
-    from benchmarks.store import RunStore
+    from benchmarks.run.runner import DamagedResultError
+    from benchmarks.run.store import RunStore
 
     for e in entries:
         try:
@@ -186,8 +186,8 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
     Returns ``{"status": done | failed | interrupted | skipped, "run_dir", "error", "exit_code"}``;
     never raises for a failing run, so a job array's other runs go on.
     """
-    from benchmarks.protocol import NonFiniteLossError
-    from benchmarks.runner import RunInterrupted, prepare, run_path, run_prepared
+    from benchmarks.run.protocol import NonFiniteLossError
+    from benchmarks.run.runner import RunInterrupted, prepare, run_path, run_prepared
 
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
@@ -209,9 +209,8 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
     except NonFiniteLossError as e:
         res.update(status="failed", error=f"NonFiniteLossError: {e}", exit_code=1)
     except Exception as e:  # a bug or a user error surfaced only now: record it, go on
-        import bench
-
-        code = 2 if isinstance(e, bench.user_errors()) else 1
+        from benchmarks.run import cli as bench_cli
+        code = 2 if isinstance(e, bench_cli.user_errors()) else 1
         res.update(status="failed", error=f"{type(e).__name__}: {e}", exit_code=code)
         if code == 1:
             traceback.print_exc()
@@ -274,7 +273,7 @@ def launch_processes(pending: List[Entry], args: argparse.Namespace) -> Optional
                     env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible[slot % len(visible)], PYTHONPATH=_pythonpath())
                     log = logs / f"{e.path.relative_to(args.out).as_posix().replace('/', '_')}.log"
                     fh = open(log, "w")
-                    cmd = [sys.executable, "-m", "benchmarks.sweep", "--job", json.dumps(e.spec(args.out, args.overwrite))]
+                    cmd = [sys.executable, "-m", "benchmarks.run.sweep", "--job", json.dumps(e.spec(args.out, args.overwrite))]
                     # own session: a terminal Ctrl-C reaches only this process, which forwards it
                     # once (a worker that got it twice would stop without its checkpoint)
                     running[slot] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
@@ -366,7 +365,7 @@ def summary(entries: List[Entry]) -> str:
 def cli(args: argparse.Namespace) -> int:
     """``bench.py sweep``; exit 0 when every run is done or skipped, 1 when one failed,
     128 + signal when the sweep was interrupted, 2 for bad input (nothing launched)."""
-    from benchmarks.store import check_out_folder
+    from benchmarks.run.store import check_out_folder
 
     check_out_folder(args.out)
     entries = expand(args)
@@ -401,8 +400,8 @@ def cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Worker entry point of the process launcher: ``python -m benchmarks.sweep --job SPEC``."""
-    ap = argparse.ArgumentParser(prog="benchmarks.sweep")
+    """Worker entry point of the process launcher: ``python -m benchmarks.run.sweep --job SPEC``."""
+    ap = argparse.ArgumentParser(prog="benchmarks.run.sweep")
     ap.add_argument("--job", required=True, help="JSON run spec (see Entry.spec)")
     a = ap.parse_args(argv)
     r = run_job(json.loads(a.job))

@@ -3,7 +3,7 @@
 Usage (one method per process: the reference repositories all have top-level modules called
 ``models``, ``utils``, ``engine`` ... that would collide)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.refcompare --method smope --ref-dir /tmp/refs/smope
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.tools.refcompare --method smope --ref-dir /tmp/refs/smope
 
 ``--ref-dir`` is a local checkout of the reference repository (``git archive`` of its HEAD; see
 docs/speed.md for the commits measured). This file contains only the harness: it imports the
@@ -13,16 +13,16 @@ functions; nothing of the references is copied here and nothing of them is commi
 What is timed, ViT-B/16, fp32, CPU, one batch of random images (identical for both sides), both
 backbones holding the *same* random weights (ours are loaded into the reference's ViT by name):
 
-* training step -- ours: :class:`benchmarks.speed.TrainStep` (query pass, prompted forward, loss,
+* training step -- ours: :class:`benchmarks.run.speed.TrainStep` (query pass, prompted forward, loss,
   backward, optimiser step over the phase's parameters); the reference: the function its main
   script calls for one batch (``engine.train_one_epoch`` over a one-batch loader for the
   JH-LEE-KR code bases, ``learner.update_model`` for CODA-Prompt / SMoPE), i.e. its query pass,
   forward, loss, backward and optimiser step over the parameters its code optimises;
-* inference batch -- ours: :class:`benchmarks.speed.InferBatch` with every pass (no cache); the
+* inference batch -- ours: :class:`benchmarks.run.speed.InferBatch` with every pass (no cache); the
   reference: its evaluation forward (``engine.evaluate`` on one batch / ``learner.predict``).
 
 Both run at the second task (task index 1) of 10-task Split CIFAR-100, interleaved by
-:func:`benchmarks.speed.time_alternating`, single-threaded; the figure compared is the median
+:func:`benchmarks.run.speed.time_alternating`, single-threaded; the figure compared is the median
 process CPU time per call, which does not depend on how long other processes held the cores.
 """
 from __future__ import annotations
@@ -68,8 +68,8 @@ OURS = {"l2p": "l2p", "dualprompt": "dualprompt", "coda": "coda_prompt", "smope"
 
 def our_side(method: str, vit: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Side:
     """Our method with its ``paper`` preset for CIFAR-100 on the random ViT ``vit``, in task 1."""
-    from benchmarks.cost_report import build_method, make_tasks, resolve_method_config
-    from benchmarks.speed import InferBatch, TrainStep
+    from benchmarks.tables.cost_table import build_method, make_tasks, resolve_method_config
+    from benchmarks.run.speed import InferBatch, TrainStep
     from methods.vit import PromptedViT
 
     name = OURS[method]
@@ -362,8 +362,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not (a.method and a.ref_dir):
         ap.error("--method and --ref-dir are required")
 
-    from benchmarks.cost_report import random_backbone
-    from benchmarks.speed import time_alternating
+    from benchmarks.tables.cost_table import random_backbone
+    from benchmarks.run.speed import time_alternating
 
     torch.set_num_threads(a.threads)
     load0 = os.getloadavg()

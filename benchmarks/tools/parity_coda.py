@@ -3,13 +3,13 @@
 CODA-Prompt's repository holds CODA-P and its reimplementations of L2P (L2P++ / Deep L2P++) and
 DualPrompt, which the suite's ``coda`` presets follow; SMoPE and VQ-Prompt build on the same
 learner code (``learners/prompt.py``, ``learners/default.py``, ``models/zoo.py``), so
-:class:`LearnerSide` serves them too (``benchmarks/parity_smope.py``).
+:class:`LearnerSide` serves them too (``benchmarks/tools/parity_smope.py``).
 
 The reference side does what ``trainer.py`` does: the learner built from the config dict that
 ``trainer.py`` assembles from ``configs/<yaml>`` and the ``--prompt_param`` of
 ``experiments/<benchmark>.sh``; ``models/zoo.py`` downloads timm's pretrained ViT-B/16 to
 initialise its own, which gets a randomly built one here and our random weights right after
-(:func:`benchmarks.refcompare.load_vit_weights`). Task boundary (``trainer.py`` ``train`` and
+(:func:`benchmarks.tools.refcompare.load_vit_weights`). Task boundary (``trainer.py`` ``train`` and
 ``learn_batch``): ``task_id``, ``add_valid_output_dim``, ``process_task_count`` from the second
 task on, a fresh optimiser (``reset_optimizer``), after the previous task ``last_valid_out_dim``
 and ``task_count``. Step: ``learner.update_model`` with its criterion recorded. Schedule: its
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks.parity import Adapter, Case, Side, Step, register_adapter
-from benchmarks.parity_jhlee import cpu_shims
-from benchmarks.refcompare import load_vit_weights, quiet
+from benchmarks.tools.parity import Adapter, Case, Side, Step, register_adapter
+from benchmarks.tools.parity_jhlee import cpu_shims
+from benchmarks.tools.refcompare import load_vit_weights, quiet
 
 Names = Callable[[Dict[str, Tensor]], Dict[str, Tensor]]
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.feature_probe -b fashion_mnist --data-root /usr/share/datasets/fashion-mnist \
+    python -m benchmarks.tools.feature_probe -b fashion_mnist --data-root /usr/share/datasets/fashion-mnist \
         [--features backbone|pixels|indomain] [--checkpoint FILE] [--seeds 0 1 2] [--preset quick]
         [--set backbone.pretrain=procedural]
 
@@ -147,8 +147,8 @@ def _indomain_extractor(cfg, scenario, limit: int = 20000, epochs: int = 5):
     import dataclasses
 
     from benchmarks.config import ConfigError
-    from benchmarks.datasets import load_dataset, per_class_indices
-    from benchmarks.scenarios import TaskDataset
+    from benchmarks.data.datasets import load_dataset, per_class_indices
+    from benchmarks.data.scenarios import TaskDataset
 
     if cfg.benchmark.name == "synthetic":  # it renders only the images a run uses: no spare pool
         raise ConfigError("--features indomain needs a real data set with training images outside the run's subsample")
@@ -173,7 +173,7 @@ def _indomain_extractor(cfg, scenario, limit: int = 20000, epochs: int = 5):
 
 def scenario_features(cfg, features: str = "backbone") -> Tuple[List[Split], List[Split], int]:
     """Per-task (features, labels) of the train (test transform) and test sets of ``cfg``'s run."""
-    from benchmarks.scenarios import build_scenario
+    from benchmarks.data.scenarios import build_scenario
     from methods.backbones import create_backbone
 
     backbone, _ = create_backbone(cfg.backbone, benchmark=cfg.benchmark)
@@ -209,10 +209,10 @@ def probe(cfg, features: str = "backbone") -> Dict[str, float]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from bench import EXIT_USAGE, user_errors
+    from benchmarks.run.cli import EXIT_USAGE, user_errors
     from benchmarks.config import deep_merge, parse_set, resolve_config
 
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.feature_probe", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.tools.feature_probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("-b", "--benchmark", required=True)
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--data-root", default=None)

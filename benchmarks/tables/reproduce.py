@@ -1,10 +1,10 @@
 """``bench.py reproduce TABLE``: the runs behind one paper table, then paper vs ours.
 
-A table definition (``benchmarks/references/tables/<name>.yaml``, format in docs/reproduce.md)
+A table definition (``benchmarks/tables/references/tables/<name>.yaml``, format in docs/reproduce.md)
 names the paper and table, its **columns** (benchmark, task count, split, backbone checkpoint,
 metrics) and its **rows** (the paper's row label; our registered method with its preset and
 settings, or ``not_implemented: REASON``). The reported numbers are *not* repeated there: they are
-looked up in the reported-number files ``benchmarks/references/*.yaml`` (:mod:`reports.references`)
+looked up in the reported-number files ``benchmarks/tables/references/*.yaml`` (:mod:`reports.references`)
 by the row's label (``reported_as``), benchmark, task count, metric and, where the column says so,
 the reference's backbone. A number missing from those files may be given in the table file
 (``reported:``) with its source tag; if the files hold it too, the two must agree.
@@ -15,11 +15,11 @@ Three things per table:
   the row and column), whether it is done (``result.json`` with the same config hash in the runs
   folder), the data and checkpoint files it needs and whether they are present, and an estimated
   GPU time from the cost model (:func:`estimate_run`);
-* the default: launch the missing runs through :mod:`benchmarks.sweep` (its local, multi-GPU and
+* the default: launch the missing runs through :mod:`benchmarks.run.sweep` (its local, multi-GPU and
   SLURM launchers; finished runs are skipped, interrupted ones resumed), then render the table;
 * ``kind: cost`` tables (the SMoPE efficiency table) need no run: every implemented row is built on
   a randomly initialised backbone of the column's architecture and counted with
-  :mod:`benchmarks.cost` (exact fvcore MACs and the SMoPE poster's convention), fully offline.
+  :mod:`benchmarks.cost.engine` (exact fvcore MACs and the SMoPE poster's convention), fully offline.
 
 Output: ``<out>/<table>.md``, ``.tex`` and ``.csv`` (:mod:`reports.render`; ``--out`` defaults to
 ``results/reproduce``), and the markdown on stdout. Rows the suite does not implement stay in the table with the paper's numbers and
@@ -43,7 +43,7 @@ import yaml
 
 from benchmarks.config import ConfigError, RunConfig, available_presets, deep_merge, parse_set, resolve_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TABLE_DIR = Path(__file__).resolve().parent / "references" / "tables"
 REFERENCE_DIR = Path(__file__).resolve().parent / "references"
 
@@ -325,9 +325,9 @@ def _validate_table(t: TableDef, refs: Optional[list] = None) -> None:
     (or marked not available) with known metrics, every preset exists, every (row, column) config
     resolves, run folders are not shared by different configs, and every reported lookup is
     unambiguous and consistent. Raises ConfigError naming the table and the offending entry."""
-    from benchmarks.datasets import list_datasets
-    from benchmarks.runner import run_path
-    from benchmarks.store import config_hash
+    from benchmarks.data.datasets import list_datasets
+    from benchmarks.run.runner import run_path
+    from benchmarks.run.store import config_hash
     from methods.registry import list_methods
 
     if t.kind not in ("runs", "cost"):
@@ -418,7 +418,7 @@ class PlannedRun:
 def run_status(cfg: RunConfig, path: Path) -> str:
     """``done`` (result.json with this config's hash), ``other-config`` (a result of another config),
     ``partial`` (a checkpoint to resume), ``failed`` / ``running`` (status.json), else ``missing``."""
-    from benchmarks.store import RunStore, config_hash
+    from benchmarks.run.store import RunStore, config_hash
 
     store = RunStore(path)
     if store.is_done():
@@ -434,8 +434,8 @@ def run_status(cfg: RunConfig, path: Path) -> str:
 
 
 def data_needs(cfg: RunConfig) -> List[FileNeed]:
-    """The data files the run's benchmark reads (layouts of benchmarks/datasets.py), present or not."""
-    from benchmarks import datasets as D
+    """The data files the run's benchmark reads (layouts of benchmarks/data/datasets.py), present or not."""
+    from benchmarks.data import datasets as D
 
     b = cfg.benchmark
     root = Path(b.data_root)
@@ -499,8 +499,8 @@ def plan(t: TableDef, runs: str, data_root: str = "data", checkpoint_dir: str = 
 
 def _plan(t: TableDef, runs: str, data_root: str, checkpoint_dir: str, seeds: Optional[Sequence[int]],
           extra: Sequence[str]) -> List[PlannedRun]:
-    from benchmarks.runner import run_path
-    from benchmarks.store import config_hash
+    from benchmarks.run.runner import run_path
+    from benchmarks.run.store import config_hash
 
     out: List[PlannedRun] = []
     by_path: Dict[Path, PlannedRun] = {}
@@ -533,25 +533,25 @@ def _plan(t: TableDef, runs: str, data_root: str, checkpoint_dir: str, seeds: Op
 # --- cost model ----------------------------------------------------------------------------
 
 class CostModel:
-    """MACs per image (benchmarks.cost) of a run's method, counted once per distinct method config
+    """MACs per image (benchmarks.cost.engine) of a run's method, counted once per distinct method config
     on a random backbone of the run's architecture, and the images a run processes."""
 
     def __init__(self) -> None:
-        from benchmarks.cost_report import BackboneCache
+        from benchmarks.tables.cost_table import BackboneCache
 
         self.cache = BackboneCache()
         self._macs: Dict[str, Tuple[float, float]] = {}
 
     def _setup(self, cfg: RunConfig):
-        from benchmarks.cost_report import MethodSetup, benchmark_classes
+        from benchmarks.tables.cost_table import MethodSetup, benchmark_classes
 
         return MethodSetup(cfg.method_name, cfg.benchmark.name, cfg, cfg.preset, benchmark_classes(cfg),
                            cfg.benchmark.num_tasks, cfg.backbone.name, cfg.preset)
 
     def row(self, cfg: RunConfig) -> Dict[str, Any]:
         """The cost.csv row of ``cfg``'s method (parameters, exact and paper-convention FLOPs)."""
-        from benchmarks.cost_report import cost_row
-        from benchmarks.flops import single_thread
+        from benchmarks.tables.cost_table import cost_row
+        from benchmarks.cost.flops import single_thread
 
         with single_thread():
             r, _, _ = cost_row(self._setup(cfg), self.cache)
@@ -561,7 +561,7 @@ class CostModel:
         """(train GMACs, inference GMACs) per image."""
         from methods.backbones import split_name
 
-        from benchmarks.cost_report import benchmark_classes
+        from benchmarks.tables.cost_table import benchmark_classes
 
         # float settings (loss weights, lr multipliers, noise levels, temperatures) change no
         # shape and no MAC count, so configs that differ only in them share one count
@@ -575,9 +575,9 @@ class CostModel:
 
     def images(self, cfg: RunConfig) -> Tuple[float, float]:
         """(training images × epochs over every phase, evaluation images) of a full run."""
-        from benchmarks.cost_report import DATASET_IMAGES_PER_CLASS, build_method, make_tasks
-        from benchmarks.flops import single_thread
-        from benchmarks.throughput import run_images
+        from benchmarks.tables.cost_table import DATASET_IMAGES_PER_CLASS, build_method, make_tasks
+        from benchmarks.cost.flops import single_thread
+        from benchmarks.run.throughput import run_images
 
         s = self._setup(cfg)
         per_class = DATASET_IMAGES_PER_CLASS.get(s.benchmark, (100, 50))
@@ -614,7 +614,7 @@ def _fmt(v: Optional[float], digits: int = 2) -> str:
 
 def _ours(planned: List[PlannedRun], row: Row, col: Column, metric: str) -> Tuple[List[float], int]:
     """Our per-seed values of ``metric`` for (row, column) from the finished runs, and how many runs there are."""
-    from benchmarks.store import RunStore
+    from benchmarks.run.store import RunStore
 
     runs = [p for p in planned if (p.row is row or row.label in p.also) and p.column is col]
     vals = []
@@ -747,7 +747,7 @@ def efficiency_table(t: TableDef, records: List[Dict[str, Any]]):
              "Δ in millions.",
              "paper conv.: module-hook operations (Linear / Conv MACs + bias adds, LayerNorm and GELU one per element, "
              "attention products not counted) × 2, with the poster's count of query passes in training "
-             "(benchmarks/flops.py, docs/cost.md). exact: fvcore MACs × 2 of every pass, attention products (prefix "
+             "(benchmarks/cost/flops.py, docs/cost.md). exact: fvcore MACs × 2 of every pass, attention products (prefix "
              "columns included) counted; fwd+bwd adds the backward of the costliest training phase.",
              "Rows without a registered method keep the poster's numbers."]
     return Table(t.name, f"Reproduction of {t.paper}: {t.table}", cols, rows, pd.DataFrame(records), notes + t.notes)
@@ -829,7 +829,7 @@ def _sweep_args(args: argparse.Namespace) -> argparse.Namespace:
 def launch(planned: List[PlannedRun], args: argparse.Namespace) -> int:
     """Run every planned run not done, through the sweep's planner and launchers. Returns the
     sweep's exit status (0: all done, 1: a run failed, 128 + signal: interrupted)."""
-    from benchmarks import sweep
+    from benchmarks.run import sweep
 
     todo = [p for p in planned if p.status != "done"]
     blocked = sorted({f"{f.what}: {f.path} ({f.how})" for p in todo for f in p.files

@@ -7,20 +7,20 @@ values), random images of the right shape, the ``paper`` preset's method configs
 in the last task of the benchmark's split (every task begun, so growing methods are at their
 largest). Stages, each given a share of ``--budget`` seconds:
 
-1. **eager**: per method, per training phase, the training step (:class:`benchmarks.speed.TrainStep`,
+1. **eager**: per method, per training phase, the training step (:class:`benchmarks.run.speed.TrainStep`,
    what the protocol runs per batch) and the evaluation forward with every pass
-   (:class:`benchmarks.speed.InferBatch`), in fp32 and bf16 autocast: images/s (= batch / median
+   (:class:`benchmarks.run.speed.InferBatch`), in fp32 and bf16 autocast: images/s (= batch / median
    seconds per step), CUDA peak memory, FLOPs per step counted by
    ``torch.utils.flop_counter.FlopCounterMode`` on the first call (fused attention included; the
-   CPU attention kernel through :func:`benchmarks.flops.flop_counter_sdpa_mapping`), achieved
+   CPU attention kernel through :func:`benchmarks.cost.flops.flop_counter_sdpa_mapping`), achieved
    TFLOP/s and its ratio to the device's bf16 peak; bf16 against fp32 logits of the same batch
    (max and mean absolute difference, prediction agreement);
 2. **loader**: the paper train transform on synthetic JPEG files through the protocol's
    ``make_loader`` (workers, pinned memory), images/s;
 3. **references** (``--ref-root``): the authors' code timed against ours on the same device by the
-   :mod:`benchmarks.refcompare` harness, one subprocess per reference;
+   :mod:`benchmarks.tools.refcompare` harness, one subprocess per reference;
 4. **compile**: the same steps with the backbone compiled as ``--compile`` compiles it
-   (:func:`benchmarks.speed.compile_backbone`), compile seconds reported apart (first call minus
+   (:func:`benchmarks.run.speed.compile_backbone`), compile seconds reported apart (first call minus
    a steady call), bf16 first, methods before baselines; it takes what is left of the budget and
    skips (and names) the methods whose estimated compile no longer fits.
 
@@ -117,7 +117,7 @@ def device_info(device: torch.device, matmul_n: int) -> Dict[str, Any]:
                     cudnn=torch.backends.cudnn.version(), tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
                     float32_matmul_precision=torch.get_float32_matmul_precision())
     else:
-        from benchmarks.runner import hardware_string
+        from benchmarks.run.runner import hardware_string
 
         info.update(name=hardware_string(device), threads=torch.get_num_threads(),
                     cpu_bf16=_cpu_flags(("avx512_bf16", "amx_bf16")))
@@ -165,7 +165,7 @@ def count_flops(fn: Callable[[], Any]) -> Tuple[Any, float]:
     """Run ``fn`` once under ``FlopCounterMode`` and return its output and FLOPs (2 per MAC)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks.flops import flop_counter_sdpa_mapping
+    from benchmarks.cost.flops import flop_counter_sdpa_mapping
 
     with FlopCounterMode(display=False, custom_mapping=flop_counter_sdpa_mapping()) as fc:
         out = fn()
@@ -240,7 +240,7 @@ class Setup:
     """What the stages share: device, backbone, the methods' configs and the random ViT."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device, methods: List[str]) -> None:
-        from benchmarks.cost_report import benchmark_classes, random_backbone, resolve_method_config
+        from benchmarks.tables.cost_table import benchmark_classes, random_backbone, resolve_method_config
         from methods.backbones import MICRO_CONFIGS, split_name
 
         self.args, self.device, self.methods = args, device, methods
@@ -264,7 +264,7 @@ class Setup:
 
     def build(self, name: str):
         """The method in the last task (every task begun), on the device, and that task."""
-        from benchmarks.cost_report import build_method, make_tasks
+        from benchmarks.tables.cost_table import build_method, make_tasks
         from methods.vit import PromptedViT
 
         cfg = self.cfgs[name]
@@ -311,7 +311,7 @@ def release(device: torch.device) -> None:
 
 def eager_stage(s: Setup, result: Dict[str, Any], stage_s: float, log: Callable[[str], None]) -> None:
     """Training and inference of every method in every precision, FLOPs, memory, logit differences."""
-    from benchmarks.speed import InferBatch, TrainStep
+    from benchmarks.run.speed import InferBatch, TrainStep
 
     a, dev, peak = s.args, s.device, result["device"]["peak"]["used_tflops"]
     t_stage = time.perf_counter()
@@ -369,7 +369,7 @@ def compile_stage(s: Setup, result: Dict[str, Any], log: Callable[[str], None]) 
     evaluation forward with the backbone compiled. A method runs only if its estimated time (the
     longest compile seen so far, or a first guess) fits in what is left of the budget. FLOPs come
     from the eager stage's count, or from one eager call here when that stage did not run."""
-    from benchmarks.speed import InferBatch, TrainStep, compile_backbone
+    from benchmarks.run.speed import InferBatch, TrainStep, compile_backbone
     from methods.registry import get_method_class
 
     a, dev, peak, budget = s.args, s.device, result["device"]["peak"]["used_tflops"], s.budget
@@ -449,7 +449,7 @@ def _raise_dynamo_limits() -> None:
 
 
 def _uncompile(backbone: Any) -> None:
-    from benchmarks.speed import COMPILED_ATTR
+    from benchmarks.run.speed import COMPILED_ATTR
 
     for obj in (backbone, backbone.vit):
         obj.__dict__.pop("forward_features", None)  # the compiled instance attribute shadowing the method
@@ -480,9 +480,9 @@ def loader_stage(s: Setup, result: Dict[str, Any], seconds: float, log: Callable
     protocol's loader: images/s after the first batch (worker start-up reported apart)."""
     import numpy as np
 
-    from benchmarks.datasets import DatasetSplit, build_transform, resolve_transform_names
-    from benchmarks.protocol import make_loader
-    from benchmarks.scenarios import TaskDataset
+    from benchmarks.data.datasets import DatasetSplit, build_transform, resolve_transform_names
+    from benchmarks.run.protocol import make_loader
+    from benchmarks.data.scenarios import TaskDataset
 
     a, dev = s.args, s.device
     name = s.methods[0]
@@ -549,8 +549,8 @@ def find_reference(root: Path, key: str, ours: str, repo: str) -> Optional[Path]
 
 def reference_stage(s: Setup, result: Dict[str, Any], stage_s: float, log: Callable[[str], None]) -> None:
     """One subprocess per reference (their top-level modules collide): ``python -m
-    benchmarks.gpu_check --ref-worker ...``, killed when its share of the budget is over."""
-    from benchmarks.cost_report import resolve_method_config
+    benchmarks.tools.gpu_check --ref-worker ...``, killed when its share of the budget is over."""
+    from benchmarks.tables.cost_table import resolve_method_config
 
     a, root = s.args, Path(s.args.ref_root)
     todo = [(k, o, r) for k, o, r in REFERENCES if o in s.methods]
@@ -568,9 +568,9 @@ def reference_stage(s: Setup, result: Dict[str, Any], stage_s: float, log: Calla
         else:
             rec["path"], rec["batch"] = str(path), batch
             with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-                cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--ref-worker", key, "--ref-dir", str(path),
+                cmd = [sys.executable, "-m", "benchmarks.tools.gpu_check", "--ref-worker", key, "--ref-dir", str(path),
                        "--device", str(s.device), "--batch", str(batch), "--seconds", str(max(2.0, 0.3 * share)), "--json", out.name]
-                root_dir = str(Path(__file__).resolve().parents[1])
+                root_dir = str(Path(__file__).resolve().parents[2])
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root_dir, os.environ.get("PYTHONPATH")) if p))
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
                 try:
@@ -650,9 +650,9 @@ def ref_worker(argv: Sequence[str]) -> int:
     a = ap.parse_args(argv)
     import copy
 
-    from benchmarks import refcompare as rc
-    from benchmarks.cost_report import random_backbone
-    from benchmarks.speed import InferBatch, time_alternating
+    from benchmarks.tools import refcompare as rc
+    from benchmarks.tables.cost_table import random_backbone
+    from benchmarks.run.speed import InferBatch, time_alternating
 
     dev = torch.device(a.device)
     vit = random_backbone("vit_base_patch16_224", seed=0)
@@ -813,7 +813,7 @@ def cli(args: argparse.Namespace) -> int:
         raise ConfigError("--stages takes eager, loader, refs and compile, comma-separated")
     if args.ref_root and not Path(args.ref_root).is_dir():
         raise ConfigError(f"--ref-root {args.ref_root} is not a folder")
-    from benchmarks.protocol import resolve_device
+    from benchmarks.run.protocol import resolve_device
 
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("gpu-check found no CUDA device; pass --device cpu for the tiny CPU mode")
@@ -825,9 +825,8 @@ def cli(args: argparse.Namespace) -> int:
     args.loader_images = args.loader_images or (768 if cuda else 8)
     args.loader_image_size = args.loader_image_size or (400 if cuda else 48)
     try:
-        import bench
-
-        methods = bench.expand_methods(bench.split_names(args.methods) or ["all"])
+        from benchmarks.run import cli as bench_cli
+        methods = bench_cli.expand_methods(bench_cli.split_names(args.methods) or ["all"])
     except ImportError as e:  # a method module needs a package this machine lacks
         raise ConfigError(f"gpu-check could not import the methods: {e.name or e} is missing (pip install {e.name or e})") from None
     if args.threads:
@@ -883,5 +882,5 @@ def cli(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # the reference worker: python -m benchmarks.gpu_check --ref-worker KEY ...
+if __name__ == "__main__":  # the reference worker: python -m benchmarks.tools.gpu_check --ref-worker KEY ...
     sys.exit(ref_worker(sys.argv[1:]))

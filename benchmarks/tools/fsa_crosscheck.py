@@ -15,7 +15,7 @@ on small random models, the pieces the suite re-implements:
   ``CosineLinear.forward_reweight`` vs :func:`methods.ease.complement_prototypes` and
   :func:`methods.ease.reweight_logits`.
 
-Usage: ``python -m benchmarks.fsa_crosscheck --ranpac /path/to/RanPAC --ease /path/to/CVPR24-Ease``.
+Usage: ``python -m benchmarks.tools.fsa_crosscheck --ranpac /path/to/RanPAC --ease /path/to/CVPR24-Ease``.
 Shims (for timm >= 1.0 and a missing ``easydict``) are installed in ``sys.modules`` only for this
 process. Exit status 0 when every row passes, 1 otherwise, 2 for a missing checkout.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+from pathlib import Path
 import sys
 import types
 import warnings
@@ -217,5 +218,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     raise SystemExit(main())

@@ -1,5 +1,5 @@
 """Parity adapters for SMoPE (Minhchuyentoancbn/SMoPE) and VQ-Prompt (jiaolifengmi/VQ-Prompt),
-both forks of the CODA-Prompt learner code: :class:`benchmarks.parity_coda.LearnerSide` drives
+both forks of the CODA-Prompt learner code: :class:`benchmarks.tools.parity_coda.LearnerSide` drives
 their ``OnePrompt`` / ``VQPrompt`` learners (``pretrained_weight`` None: their ``models/zoo.py``
 builds a randomly initialised ViT, which gets our random weights).
 
@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from benchmarks.parity import Adapter, Case, Side, register_adapter
-from benchmarks.parity_coda import LearnerSide, Names
+from benchmarks.tools.parity import Adapter, Case, Side, register_adapter
+from benchmarks.tools.parity_coda import LearnerSide, Names
 
 
 class ForkSide(LearnerSide):

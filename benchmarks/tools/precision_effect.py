@@ -1,6 +1,6 @@
 """How far bf16 autocast moves a method's logits from fp32 (the reference codes' precision).
 
-``python -m benchmarks.precision_effect [-m l2p,coda_prompt] [--batch 4] [--device cpu]`` builds
+``python -m benchmarks.tools.precision_effect [-m l2p,coda_prompt] [--batch 4] [--device cpu]`` builds
 each method with its ``paper`` preset for 10-task CIFAR-100 on a randomly initialised ViT-B/16
 (``backbone.pretrained: none``, one init seed for all), puts it in task 1, and runs the same batch
 of random [0,1] images in eval mode once in fp32 and once under bf16 autocast (CPU autocast works

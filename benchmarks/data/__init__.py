@@ -1,0 +1,1 @@
+"""Data: datasets (real loaders, synthetic), transforms, class orders and task splits."""

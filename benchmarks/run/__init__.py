@@ -1,0 +1,1 @@
+"""Running: the train/evaluate protocol, runner, run store, sweeps, DDP, timed steps and throughput, CLI helpers."""

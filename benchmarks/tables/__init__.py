@@ -1,0 +1,1 @@
+"""Tables: the cost table (bench.py cost), paper tables (reproduce) and the numbers the papers report (references/)."""
