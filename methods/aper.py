@@ -60,6 +60,8 @@ def merged_prototype_logits(feat: Tensor, prototypes: Tensor) -> Tensor:
 class APER(ContinualMethod):
     """First-session PEFT adaptation, then a prototype classifier on [frozen, adapted] features."""
 
+    prompt_based = False  # a first-session / backbone-training method, not a prompt method
+
     @dataclass
     class Config:
         petl: str = "adapter"  # adapter | ssf | vpt_shallow | vpt_deep (exps/aper_{adapter,ssf,vpt}*)

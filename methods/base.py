@@ -111,7 +111,10 @@ class ContinualMethod(nn.Module):
     * ``uses_query``: needs the frozen query pass (the protocol computes and caches it and passes
       it as ``query=``; called without it, ``forward`` computes it itself, as cost counting does);
     * ``joint``: trains on the data of every task seen so far (the joint upper bound);
-    * ``selection_size``: number of selectable prompt / expert ids, for usage histograms.
+    * ``selection_size``: number of selectable prompt / expert ids, for usage histograms;
+    * ``prompt_based``: ``False`` for a registered method that is not a prompt method (the
+      first-session / backbone-training methods APER, RanPAC, SLCA, EASE), so that summaries such
+      as the demo's finetune < prompt method < joint check name what they compare.
     """
 
     name: ClassVar[str] = "base"
@@ -120,6 +123,7 @@ class ContinualMethod(nn.Module):
     uses_query: ClassVar[bool] = False
     joint: ClassVar[bool] = False
     selection_size: Optional[int] = None
+    prompt_based: ClassVar[bool] = True
 
     def __init__(self, backbone: PromptedViT, num_classes: int, cfg: Any) -> None:
         super().__init__()

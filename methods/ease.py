@@ -91,6 +91,8 @@ def reweight_logits(feats: Tensor, protos: Tensor, class_task: Tensor, t: int, a
 class EASE(ContinualMethod):
     """Adapter per task, prototypes per subspace with semantic-guided complement, reweighted cosine."""
 
+    prompt_based = False  # a first-session / backbone-training method, not a prompt method
+
     @dataclass
     class Config:
         bottleneck: int = 64  # ffn_num (VTAB: 16)

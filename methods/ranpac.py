@@ -80,6 +80,8 @@ def choose_ridge(H: Tensor, Y: Tensor, exponents: List[int], fit_fraction: float
 class RanPAC(ContinualMethod):
     """First-session PEFT, frozen random ReLU projection, ridge readout from accumulated G and Q."""
 
+    prompt_based = False  # a first-session / backbone-training method, not a prompt method
+
     @dataclass
     class Config:
         petl: str = "adapter"  # adapter | ssf | vpt_shallow | vpt_deep (csv column convnet_type)

@@ -82,6 +82,8 @@ def logit_norm_loss(logits: Tensor, targets: Tensor, task_offsets: List[int], ta
 class SLCA(ContinualMethod):
     """Full fine-tuning with a slow backbone lr, per-task heads, Gaussian classifier alignment."""
 
+    prompt_based = False  # a first-session / backbone-training method, not a prompt method
+
     @dataclass
     class Config:
         backbone_lr_scale: float = 0.01  # bcb_lrscale default 1/100; 0 freezes the backbone

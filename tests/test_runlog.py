@@ -8,6 +8,7 @@ import re
 import pytest
 
 import bench
+from benchmarks.tools import demo
 from conftest import TINY
 from test_cli import TINY_SET
 
@@ -132,14 +133,14 @@ def test_demo_says_which_benchmark_and_why(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PROMPTCL_OFFLINE", "1")
     monkeypatch.setattr(D, "FASHION_MNIST_DEBIAN", tmp_path / "no-debian")
-    bench_name, why = bench.demo_benchmark("auto", str(tmp_path / "empty"))
+    bench_name, why = demo.demo_benchmark("auto", str(tmp_path / "empty"))
     assert bench_name == "synthetic"
     assert "apt-get install dataset-fashion-mnist" in why and "PROMPTCL_OFFLINE" in why and why.count(". ") == 0
     with pytest.raises(bench.UsageError, match="apt-get install dataset-fashion-mnist"):
-        bench.demo_benchmark("fashion_mnist", str(tmp_path / "empty"))
+        demo.demo_benchmark("fashion_mnist", str(tmp_path / "empty"))
     root = _fake_fashion(tmp_path / "fm")
-    assert bench.demo_benchmark("auto", str(root)) == ("fashion_mnist", f"Fashion-MNIST, because its files are in {root}")
-    assert bench.demo_benchmark("synthetic", str(root))[0] == "synthetic"
+    assert demo.demo_benchmark("auto", str(root)) == ("fashion_mnist", f"Fashion-MNIST, because its files are in {root}")
+    assert demo.demo_benchmark("synthetic", str(root))[0] == "synthetic"
 
 
 def test_demo_summary_checks_each_prompt_method_against_finetune_and_joint(tmp_path):
@@ -152,9 +153,16 @@ def test_demo_summary_checks_each_prompt_method_against_finetune_and_joint(tmp_p
             d = tmp_path / "fashion_mnist" / m / f"seed{s}"
             d.mkdir(parents=True)
             (d / "result.json").write_text(json.dumps({"metrics": {"faa": v}, "cost": {"throughput": tp}}))
-    lines = bench.demo_summary(tmp_path, "fashion_mnist", [0, 1])
+    lines = demo.demo_summary(tmp_path, "fashion_mnist", [0, 1])
     assert lines[0] == "throughput (img/s): measured at the end of each run on CPU X (2 logical cores, 1 torch threads), fp32, batch 32"
-    n = len(list_methods("method"))
+    from methods.registry import get_method_class
+
+    not_prompt = [m for m in list_methods("method") if not get_method_class(m).prompt_based]
+    assert sorted(not_prompt) == ["aper", "ease", "ranpac", "slca"]
+    n = len(list_methods("method")) - len(not_prompt)
     # means: finetune 25, joint 85; dualprompt 90.5 lies above joint, l2p 25 equals finetune (not strictly above)
-    assert lines[1].startswith(f"mean FAA over seeds 0 1: finetune 25.00 < prompt method < joint 85.00 holds for {n - 2}/{n} methods: ")
+    assert lines[1].startswith(f"mean FAA over seeds 0 1: finetune 25.00 < prompt method < joint 85.00 holds for {n - 2}/{n} prompt methods: ")
     assert "dualprompt 90.50 (outside)" in lines[1] and "l2p 25.00 (outside)" in lines[1] and "smope 55.00," in lines[1] + ","
+    assert "aper" not in lines[1]
+    assert lines[2] == ("not prompt methods (first-session adaptation / backbone training, issue 22): "
+                        + ", ".join(f"{m} 55.00" for m in list_methods("method") if m in not_prompt))
