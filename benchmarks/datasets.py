@@ -754,7 +754,7 @@ _NORMS = {
     "cifar": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
 TRAIN_TRANSFORMS = ("default", "none", "crop_flip", "rrc_flip", "hide_cifar")
-TEST_TRANSFORMS = ("default", "resize", "resize_crop", "resize_crop_bicubic")
+TEST_TRANSFORMS = ("default", "resize", "resize_bicubic", "resize_crop", "resize_crop_bicubic")
 
 
 def resolve_transform_names(cfg: BenchmarkConfig, image_size: int, native_size: int) -> Tuple[str, str]:
@@ -792,6 +792,8 @@ def build_transform(cfg: BenchmarkConfig, image_size: int, native_size: int, tra
 
     * ``resize``: Resize((S, S)), bilinear (CODA-Prompt / SMoPE / VQ-Prompt CIFAR: the ``coda``
       presets and coda_prompt / smope / vq_prompt ``paper``);
+    * ``resize_bicubic``: the same with bicubic resizing (RanPAC's CIFAR ``Resize(224, BICUBIC)`` +
+      ``CenterCrop(224)``, which on square images is this: the ranpac ``paper`` preset);
     * ``resize_crop``: Resize(int(S*256/224)) + CenterCrop(S), bilinear (CODA-Prompt ImageNet-R,
       SMoPE / VQ-Prompt ImageNet-R and CUB-200: the same presets);
     * ``resize_crop_bicubic``: the same with bicubic resizing (l2p-pytorch, dualprompt-pytorch and
@@ -829,6 +831,8 @@ def build_transform(cfg: BenchmarkConfig, image_size: int, native_size: int, tra
         kind = test_kind
         if kind == "resize":
             ops.append(T.Resize((image_size, image_size), antialias=True))
+        elif kind == "resize_bicubic":
+            ops.append(T.Resize((image_size, image_size), interpolation=bicubic, antialias=True))
         elif kind in ("resize_crop", "resize_crop_bicubic"):
             interp = bicubic if kind == "resize_crop_bicubic" else T.InterpolationMode.BILINEAR
             ops += [T.Resize(int(image_size * 256 / 224), interpolation=interp, antialias=True), T.CenterCrop(image_size)]

@@ -29,6 +29,7 @@ _TRAIN_TF = {
 _TEST_TF = {
     "resize": "Resize(S), bilinear",
     "resize_crop": "Resize(S·256/224) + CenterCrop(S), bilinear",
+    "resize_bicubic": "Resize(S), bicubic",
     "resize_crop_bicubic": "Resize(S·256/224) + CenterCrop(S), bicubic",
     "default": "default: by image size",
 }

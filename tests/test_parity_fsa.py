@@ -1,0 +1,80 @@
+"""Parity adapters of the first-session methods (benchmarks/parity_ranpac.py, ...): the pieces
+that need no authors' checkout (name maps, csv arguments, the row order of the stand-in data
+manager), and the defects the parity runs found, checked against the references' behaviour
+written out here (torchvision's PIL transforms as their ``utils/data.py`` composes them)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision.transforms as TV
+from PIL import Image
+
+from benchmarks.parity import probe_image
+from benchmarks.parity_ranpac import OneBatchData, adapter_names, csv_args, ssf_name
+
+
+def _our_test_transform(method: str, benchmark: str, image: np.ndarray) -> torch.Tensor:
+    from benchmarks.cost_report import resolve_method_config
+    from benchmarks.datasets import build_transform
+
+    cfg, _ = resolve_method_config(method, benchmark, "paper", {})
+    tf = build_transform(cfg.benchmark, 224, max(image.shape[:2]), train=False)
+    return tf(torch.from_numpy(image).permute(2, 0, 1).contiguous())
+
+
+def test_ranpac_cifar_test_transform_is_their_bicubic_resize():
+    # RanPAC utils/data.py build_transform(False, None, isCifar=True):
+    # Resize(224, BICUBIC), CenterCrop(224), ToTensor() on the PIL image (no normalisation)
+    img = probe_image("cifar100", 0)
+    theirs = TV.Compose([TV.Resize(224, interpolation=TV.InterpolationMode.BICUBIC), TV.CenterCrop(224),
+                         TV.ToTensor()])(Image.fromarray(img))
+    ours = _our_test_transform("ranpac", "cifar100", img)
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    assert float((ours - theirs).abs().max()) <= 3 / 255
+    # the check has teeth: the bilinear resize the preset had is far outside the tolerance
+    bilinear = TV.Compose([TV.Resize(224), TV.ToTensor()])(Image.fromarray(img))
+    assert float((bilinear - theirs).abs().max()) > 10 / 255
+
+
+def test_adapter_and_ssf_names_map_to_ours():
+    assert adapter_names("blocks.3.adaptmlp.down_proj.weight") == "peft.adapters.3.down.weight"
+    assert adapter_names("blocks.11.adaptmlp.up_proj.bias") == "peft.adapters.11.up.bias"
+    assert adapter_names("blocks.3.attn.qkv.weight") is None
+    # petl/vision_transformer_ssf.py: ssf_*_1 / _2 of a block are after norm1 / norm2, of attn
+    # after qkv / proj, of mlp after fc1 / fc2; patch_embed's after the projection; the model's
+    # own after the final norm
+    expected = {
+        "patch_embed.ssf_scale_1": "peft.ssf.patch.scale",
+        "ssf_shift_1": "peft.ssf.norm.shift",
+        "blocks.0.ssf_scale_1": "peft.ssf.b0_norm1.scale",
+        "blocks.0.ssf_shift_2": "peft.ssf.b0_norm2.shift",
+        "blocks.7.attn.ssf_scale_1": "peft.ssf.b7_qkv.scale",
+        "blocks.7.attn.ssf_shift_2": "peft.ssf.b7_proj.shift",
+        "blocks.2.mlp.ssf_scale_1": "peft.ssf.b2_fc1.scale",
+        "blocks.2.mlp.ssf_shift_2": "peft.ssf.b2_fc2.shift",
+    }
+    for theirs, ours in expected.items():
+        assert ssf_name(theirs) == ours, theirs
+
+
+def test_csv_args_parse_like_pandas(tmp_path):
+    p = tmp_path / "x_publish.csv"
+    p.write_text("ID,dataset,shuffle,init_cls,model_name,seed,body_lr,use_RP,M\n"
+                 "6,cifar224,True,10,adapter,1993,0.01,True,0\n7,cifar224,True,10,adapter,1993,0.01,True,10000\n")
+    a = csv_args(str(p), 7)
+    assert a["M"] == 10000 and isinstance(a["M"], int)
+    assert a["body_lr"] == 0.01 and a["use_RP"] is True and a["shuffle"] is True
+    assert a["model_name"] == "adapter" and a["device"] == ["cpu"] and a["seed"] == [1993]
+
+
+def test_stand_in_loader_uses_the_order_our_end_task_reads():
+    # our end_task shuffles with ctx.generator(...); in the harness that is BatchContext's, seeded 0
+    from benchmarks.parity import BatchContext
+
+    x, y = torch.arange(7.0).view(7, 1), torch.arange(7)
+    data = OneBatchData(10, [5, 5])
+    data.batch = (x, y)
+    [(idx, xs, ys)] = data.loader()
+    ctx = BatchContext.__new__(BatchContext)
+    perm = torch.randperm(7, generator=ctx.generator("ranpac-order", 0))
+    assert torch.equal(idx, perm) and torch.equal(ys, y[perm]) and torch.equal(xs[:, 0], x[perm, 0])
