@@ -112,7 +112,7 @@ class patched_create_model:
 
     def create(self, name: str, pretrained: bool = False, **kw: Any) -> nn.Module:
         if not name.endswith("_ssf"):
-            return self.vit
+            return copy.deepcopy(self.vit)  # their own copy (APER keeps it as the frozen branch)
         # their SSF ViT (registered by petl/vision_transformer_ssf.py, timm names) with our weights
         from benchmarks.refcompare import load_vit_weights, timm06_shim
 
@@ -155,6 +155,11 @@ class OneBatchData:
 
     def get_dataset(self, *a: Any, **k: Any) -> "OneBatchData":
         return self
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``train_dataset.labels`` (APER's ``replace_fc`` takes its class list from it)."""
+        return self.batch[1].numpy() if self.batch is not None else np.zeros(0, dtype=np.int64)
 
     def loader(self, *a: Any, **k: Any) -> List[Tuple[Tensor, Tensor, Tensor]]:
         """Their ``DataLoader(...)``: one batch, rows in our order."""
@@ -281,7 +286,7 @@ class FirstSessionRefSide(Side):
         cpu_shims()
         import importlib
 
-        self.ours, self.train_tf, self.test_tf = ours, train_tf, test_tf
+        self.ours, self.train_tf, self.test_tf, self.vit = ours, train_tf, test_tf, vit
         mod = importlib.import_module(self.learner_module)
         self.mod = mod
         self.data = OneBatchData(num_classes, sizes)
@@ -304,7 +309,7 @@ class FirstSessionRefSide(Side):
             train_fc = copy.deepcopy(fc)
             train_fc._parameters["weight"], train_fc._parameters["sigma"] = fc.weight, fc.sigma
             self.head = {"weight": fc.weight, "sigma": fc.sigma}
-            self.recorded.update(optimizer=optimizer, scheduler=scheduler, fc=train_fc,
+            self.recorded.update(optimizer=optimizer, scheduler=scheduler, fc=train_fc, net=lrn._network,
                                  flags={id(p): p.requires_grad for p in lrn._network.parameters()})
 
         lrn._init_train = init_train
@@ -320,10 +325,15 @@ class FirstSessionRefSide(Side):
     def to_ours(self, name: str) -> Optional[str]:
         raise NotImplementedError
 
+    def convnet(self) -> nn.Module:
+        """The tuned backbone (phase 1's network's ``convnet``; APER's dual-branch network keeps it
+        as ``convnets[1]``, the same module)."""
+        return self.recorded.get("net", self.lrn._network).convnet
+
     def params_by_ours(self) -> Dict[str, nn.Parameter]:
         """The mapped trainable tensors: the PEFT module's and the first-session head's."""
         out = {}
-        for n, p in self.lrn._network.convnet.named_parameters():
+        for n, p in self.convnet().named_parameters():
             o = self.to_ours("convnet." + n)
             if o is not None:
                 out[o] = p
@@ -334,7 +344,7 @@ class FirstSessionRefSide(Side):
     def tensors(self) -> Dict[str, Tensor]:
         out = {n: p.detach().clone() for n, p in self.params_by_ours().items()}
         flags = self.recorded.get("flags", {})
-        for n, p in self.lrn._network.convnet.named_parameters():  # trained in phase 1 but unmapped: shown
+        for n, p in self.convnet().named_parameters():  # trained in phase 1 but unmapped: shown
             if flags.get(id(p)) and self.to_ours("convnet." + n) is None:
                 out[f"ref:convnet.{n}"] = p.detach().clone()
         return out
@@ -352,7 +362,10 @@ class FirstSessionRefSide(Side):
         assert t == 1 and prev is not None
         self.data.batch = prev
         self.before_replace_fc()
-        self.lrn.incremental_train(self.data)
+        from benchmarks.refcompare import quiet
+
+        with patched_create_model(self.vit), quiet():  # APER builds its frozen branch here
+            self.lrn.incremental_train(self.data)
         self.lrn.after_task()
 
     def before_replace_fc(self) -> None:
@@ -363,8 +376,8 @@ class FirstSessionRefSide(Side):
         return self.lrn._network(x)["logits"]
 
     def train_step(self, x: Tensor, y: Tensor) -> Step:
-        lrn, rec = self.lrn, self.recorded
-        net = lrn._network
+        rec = self.recorded
+        net = rec["net"]  # phase 1's network (RanPAC: the learner's; APER: replaced by the dual branch)
         saved_fc = net.fc
         net.fc = rec["fc"]
         for p in net.parameters():
@@ -402,7 +415,8 @@ class FirstSessionRefSide(Side):
 
     def steps_per_epoch(self, images: int) -> int:
         # their training DataLoader: batch_size=args["batch_size"], shuffle=True, no drop_last
-        return len(torch.utils.data.DataLoader(range(images), batch_size=self.lrn._batch_size, shuffle=True))
+        bs = getattr(self.lrn, "_batch_size", None) or self.lrn.batch_size
+        return len(torch.utils.data.DataLoader(range(images), batch_size=bs, shuffle=True))
 
     def transform(self, image: np.ndarray, train: bool, seed: int) -> Tensor:
         from PIL import Image
