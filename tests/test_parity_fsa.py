@@ -78,3 +78,39 @@ def test_stand_in_loader_uses_the_order_our_end_task_reads():
     ctx = BatchContext.__new__(BatchContext)
     perm = torch.randperm(7, generator=ctx.generator("ranpac-order", 0))
     assert torch.equal(idx, perm) and torch.equal(ys, y[perm]) and torch.equal(xs[:, 0], x[perm, 0])
+
+
+def _our_train_transform(method: str, benchmark: str, image: np.ndarray, seed: int) -> torch.Tensor:
+    from benchmarks.cost_report import resolve_method_config
+    from benchmarks.datasets import build_transform
+
+    cfg, _ = resolve_method_config(method, benchmark, "paper", {})
+    tf = build_transform(cfg.benchmark, 224, max(image.shape[:2]), train=True)
+    torch.manual_seed(seed)
+    return tf(torch.from_numpy(image).permute(2, 0, 1).contiguous())
+
+
+def _unnormalise(t: torch.Tensor) -> torch.Tensor:  # the ImageNet mean/std both sides use
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    return t * std + mean
+
+
+def test_slca_imagenet_r_and_cub_train_transforms_are_their_bicubic_ones():
+    # SLCA utils/data.py: iImageNetR RandomResizedCrop(224, interpolation=3) + flip; iCUB200_224
+    # Resize((300, 300), interpolation=3) + RandomCrop((224, 224)) + flip; then ToTensor and the
+    # ImageNet Normalize; the same RNG state on both sides picks the same crop and flip
+    img = probe_image("imagenet_r", 0)
+    theirs = {
+        "imagenet_r": TV.Compose([TV.RandomResizedCrop(224, interpolation=TV.InterpolationMode.BICUBIC),
+                                  TV.RandomHorizontalFlip(), TV.ToTensor()]),
+        "cub200": TV.Compose([TV.Resize((300, 300), interpolation=TV.InterpolationMode.BICUBIC),
+                              TV.RandomCrop((224, 224)), TV.RandomHorizontalFlip(), TV.ToTensor()]),
+    }
+    for bench, tf in theirs.items():
+        for seed in (1, 2, 3):
+            torch.manual_seed(seed)
+            ref = tf(Image.fromarray(img))
+            ours = _unnormalise(_our_train_transform("slca", bench, img, seed))
+            assert ours.shape == ref.shape == (3, 224, 224), bench
+            assert float((ours - ref).abs().max()) <= 3 / 255, (bench, seed)
