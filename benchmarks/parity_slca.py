@@ -21,8 +21,14 @@ and driven through its own ``incremental_train`` with a stand-in data manager:
   among them the fresh final norm), since every tensor of a ViT-B compared several times would not
   fit the machine.
 
-Not compared: stage 2 (classifier alignment; its Gaussian draws come from different generators
-on the two sides and it runs from the second task's end on) -- see docs/parity.md.
+* the end of task 1, computed inside ``boundary_state`` on a statistics batch of task 1 and undone
+  afterwards on both sides: the statistics of every seen class, then stage 2, the classifier
+  alignment, whose result (every head, ``buffer:<i>.weight@end_of_task_1``) is compared value for
+  value: the draws are shared -- their ``MultivariateNormal(mean, cov).sample`` and
+  ``torch.randperm`` are replaced, for that call, by the same float64 Cholesky draws from the same
+  seeded generator as ours (the generator is a documented difference; what is compared is
+  everything else: the shrunk means, the order of draws, the mini-batches, the logit-normalised
+  loss, the optimiser and its cosine schedule, which heads train).
 """
 from __future__ import annotations
 
@@ -104,6 +110,28 @@ class SLCAOurSide(OurSide):
         out["buffer:class_mean"] = torch.stack([st.means[c][0] for c in cls]).double()
         eye = torch.eye(self.method.backbone.embed_dim, dtype=torch.float64)
         out["buffer:class_cov"] = torch.stack([st.spreads[c] + 1e-4 * eye for c in cls]).double()
+        out.update(self.end_of_task_1())
+        return out
+
+    def end_of_task_1(self) -> Dict[str, Tensor]:
+        """Our end of task 1 on its statistics batch (statistics, then the classifier alignment),
+        reported and undone (heads, raw-head backup, statistics, flags)."""
+        m, t1 = self.method, self.tasks[TASK]
+        heads = {k: v.detach().clone() for k, v in m.heads.state_dict().items()}
+        raw, log = m.raw_heads, list(m.align_log)
+        means, spreads = dict(m.stats.means), dict(m.stats.spreads)
+        flags = [p.requires_grad for p in m.heads.parameters()]
+        m.end_task(t1, BatchContext(self, stats_batch(range(t1.class_start, t1.class_end), self.image_size, 1)))
+        out = {f"buffer:{k}@end_of_task_1": v.detach().clone().double() for k, v in m.heads.state_dict().items()}
+        out["buffer:class_mean@end_of_task_1"] = torch.stack([m.stats.means[c][0] for c in range(t1.class_end)]).double()
+        with torch.no_grad():
+            for k, v in m.heads.state_dict().items():
+                v.copy_(heads[k])
+        m.raw_heads, m.align_log = raw, log
+        m.stats.means, m.stats.spreads = means, spreads
+        for p, f in zip(m.heads.parameters(), flags):
+            p.requires_grad_(f)
+            p.grad = None  # the alignment's last gradients: the state before had none
         return out
 
     def eval_logits(self, x: Tensor) -> Tensor:
@@ -275,6 +303,57 @@ class SLCARefSide(Side):
         n0 = self.sizes[0]
         out["buffer:class_mean"] = torch.as_tensor(self.lrn._class_means[:n0]).double()
         out["buffer:class_cov"] = self.lrn._class_covs[:n0].double()
+        out.update(self.end_of_task_1())
+        return out
+
+    def end_of_task_1(self) -> Dict[str, Tensor]:
+        """Their end of task 1 (``fc.backup``, ``_compute_class_mean``, ``_stage2_compact_classifier``)
+        on the statistics batch of task 1, with the draws shared (see the module docstring),
+        reported and undone."""
+        import models.slca as S  # type: ignore
+
+        lrn, net, o = self.lrn, self.lrn._network, self.ours
+        t1 = o.tasks[TASK]
+        saved_fc = {k: v.detach().clone() for k, v in net.fc.state_dict().items()}
+        flags = [p.requires_grad for p in net.fc.parameters()]
+        means, covs = lrn._class_means.copy(), lrn._class_covs.clone()
+        self.data.batch = stats_batch(range(t1.class_start, t1.class_end), o.image_size, 1)
+        gen = torch.Generator().manual_seed(0)  # what our end_task's ctx.generator gives in parity
+        orig_mvn, orig_randperm = S.MultivariateNormal, torch.randperm
+
+        class SharedNormal:  # their MultivariateNormal(mean, cov).sample, drawing ours
+            def __init__(self, mean: Tensor, cov: Tensor) -> None:
+                self.mean, self.chol = mean.double(), torch.linalg.cholesky(cov.double())
+
+            def sample(self, sample_shape: Tuple[int, ...]) -> Tensor:
+                z = torch.randn(sample_shape[0], self.mean.shape[0], generator=gen, dtype=torch.float64)
+                return (self.mean + z @ self.chol.T).float()
+
+        def randperm(n: int, *a: Any, **k: Any) -> Tensor:
+            k.setdefault("generator", gen)
+            return orig_randperm(n, *a, **k)
+
+        # the heads hold ours' values meanwhile (the harness shares the tensors only after this;
+        # the head of task 1 was drawn on each side)
+        self.set_tensors({n: v for n, v in o.tensors().items() if n.startswith("heads.")})
+        S.MultivariateNormal, torch.randperm = SharedNormal, randperm
+        try:
+            net.fc.backup()
+            lrn._compute_class_mean(self.data, check_diff=False, oracle=False)
+            lrn._stage2_compact_classifier(self.sizes[TASK])
+        finally:
+            S.MultivariateNormal, torch.randperm = orig_mvn, orig_randperm
+        out = {}
+        for i, h in enumerate(net.fc.heads):
+            out[f"buffer:{i}.weight@end_of_task_1"] = h[0].weight.detach().clone().double()
+            out[f"buffer:{i}.bias@end_of_task_1"] = h[0].bias.detach().clone().double()
+        out["buffer:class_mean@end_of_task_1"] = torch.as_tensor(lrn._class_means[: t1.class_end]).double()
+        with torch.no_grad():
+            net.fc.load_state_dict(saved_fc)
+        for p, f in zip(net.fc.parameters(), flags):
+            p.requires_grad_(f)
+            p.grad = None  # the alignment's last gradients: the state before had none
+        lrn._class_means, lrn._class_covs = means, covs
         return out
 
     def eval_logits(self, x: Tensor) -> Tensor:
