@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms as TV
 from PIL import Image
 
@@ -114,3 +115,42 @@ def test_slca_imagenet_r_and_cub_train_transforms_are_their_bicubic_ones():
             ours = _unnormalise(_our_train_transform("slca", bench, img, seed))
             assert ours.shape == ref.shape == (3, 224, 224), bench
             assert float((ours - ref).abs().max()) <= 3 / 255, (bench, seed)
+
+
+def test_first_session_side_compares_task_0_training_and_the_readout_after_it():
+    """Our side of the RanPAC / APER adapters on a micro ViT: the step, schedule and loader are
+    phase 1's (task 0), the step's labels are the task-1 batch's moved to task 0's classes, and
+    the boundary reports nothing trained in task 1 plus the readout rows of task 0's classes."""
+    import math
+
+    from benchmarks.cost_report import resolve_method_config
+    from benchmarks.parity import batch_for
+    from benchmarks.parity_ranpac import FirstSessionSide
+    from methods.backbones import build_model
+
+    torch.manual_seed(0)
+    cfg, _ = resolve_method_config("ranpac", "synthetic", "paper", {"method": {"M": 40, "bottleneck": 8, "gram_dtype": "float64"}})
+    side = FirstSessionSide("ranpac", cfg, build_model("vit_micro_patch8_32"), 0)
+    side.extra_tensors, side.buffers, side.class_rows = ["w_rand"], ["G", "Q", "Wo"], ("Wo",)
+    t0, t1 = side.tasks[0], side.tasks[1]
+    assert set(side.init) == {n for n in side.tensors() if n != "w_rand"} and "fs_head.weight" in side.init
+    # the reference's CosineAnnealingLR(T_max=tuned_epoch, eta_min=0), stepped once per epoch
+    E, lr = cfg.train.epochs, cfg.train.lr
+    want = torch.tensor([lr * 0.5 * (1 + math.cos(math.pi * e / E)) for e in range(E)], dtype=torch.float64)
+    lrs = side.lrs(3)
+    assert set(lrs) == set(side.init)
+    for v in lrs.values():
+        assert torch.allclose(v, want, rtol=1e-12, atol=1e-15)
+    assert side.steps_per_epoch(5003) == math.ceil(5003 / cfg.train.batch_size)  # no drop_last
+    prev = batch_for(side.num_classes, cfg.benchmark.num_tasks, 0, 4, 0, side.image_size)
+    side.start_task(0)
+    side.start_task(1, prev)
+    st = side.boundary_state()
+    assert all(float(v) == 0.0 for k, v in st.items() if k.startswith("trained:"))
+    assert st["buffer:Wo"].shape == (t0.class_end, 40) and st["buffer:G"].shape == (40, 40)
+    x, y = batch_for(side.num_classes, cfg.benchmark.num_tasks, 1, 4, 0, side.image_size)
+    step = side.train_step(x, y)
+    assert step.logits.shape == (4, t0.class_end - t0.class_start)
+    y0 = y - t1.class_start + t0.class_start
+    assert torch.allclose(step.losses["ce"], F.cross_entropy(step.logits, y0), atol=1e-6)
+    assert set(step.grads) == set(side.init)  # phase 1 trains the module and the head
