@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.parity import Adapter, Case, Side, register_adapter
-from benchmarks.parity_ranpac import FirstSessionRefSide, FirstSessionSide, adapter_names, cpu_shims
+from benchmarks.parity_ranpac import FirstSessionRefSide, FirstSessionSide, adapter_names, cpu_shims, ssf_name
 
 
 class APERRefSide(FirstSessionRefSide):
@@ -30,7 +30,8 @@ class APERRefSide(FirstSessionRefSide):
         if name in ("fc.weight", "fc.sigma"):
             return "fs_head." + name[3:]
         if name.startswith("convnet."):
-            return adapter_names(name[len("convnet."):])
+            n = name[len("convnet."):]
+            return ssf_name(n) if "ssf_" in n else adapter_names(n)
         return None
 
     def start_task(self, t: int, prev: Optional[Any] = None) -> None:
@@ -67,7 +68,12 @@ class APERAdapter(Adapter):
         return None
 
     def cases(self) -> List[Case]:
-        return [Case("paper", b, f, options={"json": f}) for b, f in self.SPEC.items()]
+        out = [Case("paper", b, f, options={"json": f, "learner": "models.aper_adapter"}) for b, f in self.SPEC.items()]
+        # the SSF variant (--set method.petl=ssf), on CIFAR: models/aper_ssf.py
+        f = "exps/aper_ssf/cifar224_5_5_vit-b_ssf.json"
+        out.append(Case("paper", "cifar100", f, overrides={"method": {"petl": "ssf"}},
+                        options={"json": f, "learner": "models.aper_ssf"}))
+        return out
 
     def ours(self, case: Case, vit: nn.Module, seed: int = 0) -> Side:
         from benchmarks.cost_report import resolve_method_config
@@ -87,5 +93,6 @@ class APERAdapter(Adapter):
 
         n_tasks = ours.cfg.benchmark.num_tasks  # type: ignore[attr-defined]
         sizes = [args["init_cls"]] + [args["increment"]] * (n_tasks - 1)
+        APERRefSide.learner_module = case.options["learner"]
         return APERRefSide(ref_dir, args, vit, ours, ours.num_classes, sizes,  # type: ignore[arg-type,attr-defined]
                            D.build_transform(True, None), D.build_transform(False, None))

@@ -117,8 +117,14 @@ class patched_create_model:
         from benchmarks.refcompare import load_vit_weights, timm06_shim
 
         timm06_shim()
+        import importlib
+
         import timm.models.helpers as helpers
-        import petl.vision_transformer_ssf as S  # type: ignore
+
+        try:  # RanPAC's petl/ or RevisitingCIL's convs/
+            S = importlib.import_module("petl.vision_transformer_ssf")
+        except ModuleNotFoundError:
+            S = importlib.import_module("convs.vision_transformer_ssf")
 
         S.resolve_pretrained_cfg, S.build_model_with_cfg = helpers.resolve_pretrained_cfg, helpers.build_model_with_cfg
         model = getattr(S, name)(pretrained=False, **kw)
