@@ -41,8 +41,9 @@ Where this implementation and the reference differ, and why:
   alignment (the reference builds ``MultivariateNormal`` in float32 every epoch on the GPU).
 * Seeds: the reference fixes ``torch.manual_seed(1)``; class orders come from the seeds 1993,
   1996, 1997 (``numpy`` class order in the ``paper`` preset).
-* CUB's Resize(300) + RandomCrop(224) train transform is not in the suite; the ``paper`` preset
-  uses RandomResizedCrop there (documented in docs/methods-fsa.md).
+* Transforms are the reference's (``paper`` preset): CIFAR ``hide_cifar``, ImageNet-R
+  ``rrc_flip_bicubic``, CUB ``resize_crop_flip_bicubic`` (Resize((300, 300)) + RandomCrop(224));
+  the bilinear RandomResizedCrop the preset used for ImageNet-R and CUB was found by the parity run.
 """
 from __future__ import annotations
 

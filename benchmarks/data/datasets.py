@@ -52,7 +52,7 @@ class DataError(RuntimeError):
 
     def __init__(self, message: str = "", *args: object) -> None:
         # A DataLoader worker re-raises our error in the main process as DataError("Caught DataError
-        # in DataLoader worker process 0.\nOriginal Traceback ...\nbenchmarks.datasets.DataError: <ours>"):
+        # in DataLoader worker process 0.\nOriginal Traceback ...\nbenchmarks.data.datasets.DataError: <ours>"):
         # keep only our sentence, so the user still reads one line.
         text = str(message)
         if text.startswith("Caught ") and "Original Traceback" in text:
@@ -776,8 +776,8 @@ _NORMS = {
     # HiDe-Prompt's CIFAR pipeline (datasets.py::build_cifar_transform), its exact constants
     "cifar": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
-TRAIN_TRANSFORMS = ("default", "none", "crop_flip", "rrc_flip", "hide_cifar")
-TEST_TRANSFORMS = ("default", "resize", "resize_crop", "resize_crop_bicubic")
+TRAIN_TRANSFORMS = ("default", "none", "crop_flip", "rrc_flip", "rrc_flip_bicubic", "resize_crop_flip_bicubic", "hide_cifar")
+TEST_TRANSFORMS = ("default", "resize", "resize_bicubic", "resize_crop", "resize_crop_bicubic")
 
 
 def resolve_transform_names(cfg: BenchmarkConfig, image_size: int, native_size: int) -> Tuple[str, str]:
@@ -807,6 +807,10 @@ def build_transform(cfg: BenchmarkConfig, image_size: int, native_size: int, tra
     * ``rrc_flip``: RandomResizedCrop(S, scale (rrc_scale_min, 1), ratio 3/4-4/3, bilinear) +
       flip -- CODA-Prompt / SMoPE (scale 0.08, torchvision's default) and the JH-LEE L2P /
       DualPrompt ports and HiDe ImageNet-R/CUB (``rrc_scale_min=0.05``);
+    * ``rrc_flip_bicubic``: the same with bicubic resizing (SLCA ImageNet-R:
+      ``RandomResizedCrop(224, interpolation=3)``, scale from ``rrc_scale_min``);
+    * ``resize_crop_flip_bicubic``: Resize((S·300/224)², bicubic) + RandomCrop(S) + flip (SLCA CUB:
+      ``Resize((300, 300), interpolation=3)``, ``RandomCrop((224, 224))``);
     * ``hide_cifar``: HiDe-Prompt's CIFAR pipeline, RandomResizedCrop(S, bicubic, scale
       (0.08, 1) -- the code defines 0.05 but does not pass it), flip, ColorJitter(brightness
       63/255); pair it with ``normalize: cifar`` and ``test_transform: resize_crop_bicubic``.
@@ -815,6 +819,8 @@ def build_transform(cfg: BenchmarkConfig, image_size: int, native_size: int, tra
 
     * ``resize``: Resize((S, S)), bilinear (CODA-Prompt / SMoPE / VQ-Prompt CIFAR: the ``coda``
       presets and coda_prompt / smope / vq_prompt ``paper``);
+    * ``resize_bicubic``: the same with bicubic resizing (RanPAC's CIFAR ``Resize(224, BICUBIC)`` +
+      ``CenterCrop(224)``, which on square images is this: the ranpac ``paper`` preset);
     * ``resize_crop``: Resize(int(S*256/224)) + CenterCrop(S), bilinear (CODA-Prompt ImageNet-R,
       SMoPE / VQ-Prompt ImageNet-R and CUB-200: the same presets);
     * ``resize_crop_bicubic``: the same with bicubic resizing (l2p-pytorch, dualprompt-pytorch and
@@ -840,6 +846,13 @@ def build_transform(cfg: BenchmarkConfig, image_size: int, native_size: int, tra
             ops += [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip()]
         elif kind == "rrc_flip":
             ops += [T.RandomResizedCrop(image_size, scale=(cfg.rrc_scale_min, 1.0), antialias=True), T.RandomHorizontalFlip()]
+        elif kind == "rrc_flip_bicubic":
+            ops += [T.RandomResizedCrop(image_size, scale=(cfg.rrc_scale_min, 1.0), interpolation=bicubic, antialias=True),
+                    T.RandomHorizontalFlip()]
+        elif kind == "resize_crop_flip_bicubic":
+            big = round(image_size * 300 / 224)
+            ops += [T.Resize((big, big), interpolation=bicubic, antialias=True), T.RandomCrop(image_size),
+                    T.RandomHorizontalFlip()]
         elif kind == "hide_cifar":
             ops += [
                 T.RandomResizedCrop(image_size, interpolation=bicubic, antialias=True),
@@ -852,6 +865,8 @@ def build_transform(cfg: BenchmarkConfig, image_size: int, native_size: int, tra
         kind = test_kind
         if kind == "resize":
             ops.append(T.Resize((image_size, image_size), antialias=True))
+        elif kind == "resize_bicubic":
+            ops.append(T.Resize((image_size, image_size), interpolation=bicubic, antialias=True))
         elif kind in ("resize_crop", "resize_crop_bicubic"):
             interp = bicubic if kind == "resize_crop_bicubic" else T.InterpolationMode.BILINEAR
             ops += [T.Resize(int(image_size * 256 / 224), interpolation=interp, antialias=True), T.CenterCrop(image_size)]

@@ -21,6 +21,8 @@ COLUMNS = ("tasks", "epochs", "batch", "drop_last", "optimizer", "lr", "schedule
 
 _TRAIN_TF = {
     "rrc_flip": "RandomResizedCrop(scale {s:g}–1, bilinear) + flip",
+    "rrc_flip_bicubic": "RandomResizedCrop(scale {s:g}–1, bicubic) + flip",
+    "resize_crop_flip_bicubic": "Resize(S·300/224, bicubic) + RandomCrop(S) + flip",
     "hide_cifar": "RandomResizedCrop(scale 0.08–1, bicubic) + flip + ColorJitter(63/255)",
     "crop_flip": "Resize (bilinear) + RandomCrop(pad S/8) + flip",
     "none": "Resize (bilinear)",
@@ -29,6 +31,7 @@ _TRAIN_TF = {
 _TEST_TF = {
     "resize": "Resize(S), bilinear",
     "resize_crop": "Resize(S·256/224) + CenterCrop(S), bilinear",
+    "resize_bicubic": "Resize(S), bicubic",
     "resize_crop_bicubic": "Resize(S·256/224) + CenterCrop(S), bicubic",
     "default": "default: by image size",
 }

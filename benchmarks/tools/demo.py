@@ -59,7 +59,12 @@ def main(args: argparse.Namespace, parse: Callable[[List[str]], argparse.Namespa
     t0 = time.time()
     out = Path(args.out)
     bench, why = demo_benchmark(args.demo_benchmark, args.data_root)
-    extra = ["--data-root", args.data_root] + (["--set", *args.set] if args.set else [])
+    root = args.data_root
+    if bench == "fashion_mnist":  # point the runs at the folder found (no "system copy" note per run)
+        from benchmarks.data.datasets import find_fashion_mnist
+
+        root = str(find_fashion_mnist(args.data_root)["train_images"].parent)
+    extra = ["--data-root", root] + (["--set", *args.set] if args.set else [])
     print(f"demo: {why}", flush=True)
     # the suite-pretrained backbone is built once here, with every core, before the single-threaded workers
     cfg = resolve_config("finetune", bench, "quick", cli_overrides(parse(["run", *extra])))

@@ -1,6 +1,6 @@
 """Numerical cross-check of the issue-22 building blocks against the authors' own modules.
 
-Not the full ``bench.py parity`` harness (no adapters for APER / RanPAC / SLCA / EASE there yet):
+A fast complement to the full ``bench.py parity`` adapters (benchmarks/tools/parity_{ranpac,aper,ease,slca}.py):
 this imports the reference repositories' modules at run time from local checkouts and compares,
 on small random models, the pieces the suite re-implements:
 
