@@ -213,7 +213,7 @@ def _demo_job(argv: List[str]) -> None:
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-b", "--benchmark", action="append", help="benchmark name(s), comma-separated")
-    p.add_argument("-m", "--method", action="append", help="method name(s), comma-separated, or all / methods / baselines")
+    p.add_argument("-m", "--method", "--methods", dest="method", action="append", help="method name(s), comma-separated, or all / methods / baselines")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--preset", default="quick", help="quick (CPU) or paper")
     p.add_argument("--backbone", help="timm ViT name[.tag] or a micro backbone")
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", nargs="?", choices=["presets"], help="presets: the presets (with --resolved, every cell)")
     p.add_argument("--resolved", action="store_true",
                    help="per method x preset x benchmark: the effective settings and the preset file of each")
-    p.add_argument("-m", "--method", action="append", help="only these methods (comma-separated)")
+    p.add_argument("-m", "--method", "--methods", dest="method", action="append", help="only these methods (comma-separated)")
     p.add_argument("-b", "--benchmark", action="append", help="only these benchmarks (comma-separated)")
     p.add_argument("--preset", action="append", help="only these presets (comma-separated)")
     p.add_argument("--markdown", action="store_true", help="the full docs/presets.md text")
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cost", help="parameters, FLOPs, throughput and memory per method")
     p.add_argument("-b", "--benchmark", action="append", help="benchmark name(s), comma-separated")
-    p.add_argument("-m", "--method", action="append", help="method name(s), comma-separated, or all / methods / baselines")
+    p.add_argument("-m", "--method", "--methods", dest="method", action="append", help="method name(s), comma-separated, or all / methods / baselines")
     p.add_argument("--backbone", default=None, help="timm ViT name[.tag] (random weights; default: the preset's)")
     p.add_argument("--preset", default="paper", help="method configs from this preset (quick config where it has none)")
     p.add_argument("--tasks", type=int, nargs="+", default=[5, 10, 20], help="task counts for the growth table")

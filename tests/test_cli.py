@@ -101,3 +101,13 @@ def test_cli_subprocess_exit_status():
     p = subprocess.run([sys.executable, str(ROOT / "bench.py"), "run", "-b", "synthetic", "-m", "nope"], capture_output=True,
                        text=True, cwd=ROOT)
     assert p.returncode == 2 and "unknown method 'nope'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_methods_is_an_alias_of_method_for_run_cost_and_sweep():
+    """Issue 16's command line: `bench.py run --methods ovor,norga` means `-m ovor,norga`."""
+    parser = bench.build_parser()
+    for cmd in (["run", "-b", "synthetic"], ["cost", "-b", "synthetic"]):
+        a = parser.parse_args(cmd + ["--methods", "ovor,norga"])
+        b = parser.parse_args(cmd + ["-m", "ovor,norga"])
+        assert a.method == b.method == ["ovor,norga"]
+        assert bench.expand_methods(bench.split_names(a.method)) == ["ovor", "norga"]
