@@ -137,26 +137,20 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    try:
-        from reports import cli as report_cli
-    except ImportError:
-        raise UsageError("the report command is not available in this version") from None
+    from reports import cli as report_cli
+
     return report_cli.main(args)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    try:
-        from benchmarks.tables import reproduce
-    except ImportError:
-        raise UsageError("the reproduce command is not available in this version") from None
+    from benchmarks.tables import reproduce
+
     return reproduce.cli(args)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    try:
-        from benchmarks.run import sweep
-    except ImportError:
-        raise UsageError("the sweep command is not available in this version") from None
+    from benchmarks.run import sweep
+
     return sweep.cli(args)
 
 
