@@ -11,7 +11,8 @@ import torchvision.transforms as TV
 from PIL import Image
 
 from benchmarks.tools.parity import probe_image
-from benchmarks.tools.parity_ranpac import OneBatchData, adapter_names, csv_args, ssf_name
+from benchmarks.tools.parity_pilot import OneBatchData
+from benchmarks.tools.parity_ranpac import adapter_names, csv_args, ssf_name
 
 
 def _our_test_transform(method: str, benchmark: str, image: np.ndarray) -> torch.Tensor:

@@ -284,6 +284,37 @@ def method_tensors(m: nn.Module) -> Dict[str, Tensor]:
     return {n: p for n, p in m.named_parameters() if not n.startswith("backbone.")}
 
 
+def our_lrs(groups: List[Dict[str, Any]], tcfg: Any, steps_per_epoch: int, named: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Our optimiser and scheduler over ``groups``: the lr of every tensor of ``named`` per epoch."""
+    from benchmarks.run.protocol import build_optimizer, build_scheduler
+
+    opt = build_optimizer(groups, tcfg)
+    sched = build_scheduler(opt, tcfg, steps_per_epoch)
+    per: Dict[int, List[float]] = {}
+    for _ in range(tcfg.epochs):
+        for g in opt.param_groups:
+            for p in g["params"]:
+                per.setdefault(id(p), []).append(g["lr"])
+        for _ in range(steps_per_epoch):
+            opt.step()  # no gradients: a no-op that keeps the scheduler's step-order check quiet
+            sched.step()
+    return {n: torch.tensor(per[id(p)], dtype=torch.float64) for n, p in named.items() if id(p) in per}
+
+
+def captured_forward(method: nn.Module, step: Callable[[], Any], seed: Optional[int] = None) -> Any:
+    """Run ``step`` (a ``TrainStep``; from RNG state ``seed`` if given) and return the last output
+    of ``method``'s forward in it."""
+    seen: List[Any] = []
+    hook = method.register_forward_hook(lambda mod, args, out: seen.append(out))
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        step()
+    finally:
+        hook.remove()
+    return seen[-1]
+
+
 class OurSide(Side):
     """Our implementation of ``name`` with a resolved preset, on ``vit`` (shared, frozen).
     ``buffers``: names of the method's buffers that ``boundary_state`` reports (the adapter sets
@@ -336,13 +367,7 @@ class OurSide(Side):
         from benchmarks.run.speed import TrainStep
 
         step = TrainStep(self.method, self.tasks[TASK], x, y, self.cfg.train)
-        seen: List[Any] = []
-        hook = self.method.register_forward_hook(lambda mod, args, out: seen.append(out))
-        try:
-            step()
-        finally:
-            hook.remove()
-        out = seen[-1]
+        out = captured_forward(self.method, step)
         logits = out.logits if step.mask is None else out.logits.masked_fill(~step.mask, float("-inf"))
         losses = {"ce": F.cross_entropy(logits.float(), y).detach()}
         if out.aux_loss is not None:
@@ -352,23 +377,11 @@ class OurSide(Side):
         return Step(out.logits.detach(), losses, grads, self.tensors())
 
     def lrs(self, steps_per_epoch: int) -> Dict[str, Tensor]:
-        from benchmarks.run.protocol import build_optimizer, build_scheduler, phase_config
+        from benchmarks.run.protocol import phase_config
 
         phase = self.method.phases(self.tasks[TASK])[-1]
-        tcfg = phase_config(self.cfg.train, phase)
         groups = phase.param_groups if phase.param_groups is not None else self.method.param_groups()
-        opt = build_optimizer(groups, tcfg)
-        sched = build_scheduler(opt, tcfg, steps_per_epoch)
-        per_param: Dict[int, List[float]] = {}
-        for _ in range(tcfg.epochs):
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    per_param.setdefault(id(p), []).append(g["lr"])
-            for _ in range(steps_per_epoch):
-                opt.step()  # no gradients: a no-op that keeps the scheduler's step-order check quiet
-                sched.step()
-        return {n: torch.tensor(per_param[id(p)], dtype=torch.float64)
-                for n, p in method_tensors(self.method).items() if id(p) in per_param}
+        return our_lrs(groups, phase_config(self.cfg.train, phase), steps_per_epoch, method_tensors(self.method))
 
     def steps_per_epoch(self, images: int) -> int:
         from benchmarks.run.protocol import phase_config

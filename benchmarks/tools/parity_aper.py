@@ -12,27 +12,18 @@ dual-branch network's (σ = 1 cosine to the prototypes of the classes seen after
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from benchmarks.tools.parity import Adapter, Case, Side, register_adapter
-from benchmarks.tools.parity_ranpac import FirstSessionRefSide, FirstSessionSide, adapter_names, cpu_shims, ssf_name
+from benchmarks.tools.parity import Case, Side, register_adapter
+from benchmarks.tools.parity_pilot import PilotAdapter, their_data
+from benchmarks.tools.parity_ranpac import FirstSessionRefSide, FirstSessionSide
 
 
 class APERRefSide(FirstSessionRefSide):
     learner_module = "models.aper_adapter"
-
-    def to_ours(self, name: str) -> Optional[str]:
-        if name in ("fc.weight", "fc.sigma"):
-            return "fs_head." + name[3:]
-        if name.startswith("convnet."):
-            n = name[len("convnet."):]
-            return ssf_name(n) if "ssf_" in n else adapter_names(n)
-        return None
 
     def start_task(self, t: int, prev: Optional[Any] = None) -> None:
         super().start_task(t, prev)
@@ -47,13 +38,13 @@ class APERRefSide(FirstSessionRefSide):
                 w[absent] = 0.0
 
     def boundary_state(self) -> Dict[str, Tensor]:
-        out = {f"trained:{n}": torch.tensor(0.0) for n in self.params_by_ours()}  # no optimiser after task 0
+        out = {f"trained:{n}": torch.tensor(0.0) for n in self.own()}  # no optimiser after task 0
         out["buffer:prototypes"] = self.lrn._network.fc.weight.detach().double()
         return out
 
 
 @register_adapter
-class APERAdapter(Adapter):
+class APERAdapter(PilotAdapter):
     method = "aper"
     repo = "zhoudw-zdw/RevisitingCIL"
     deviations: Dict[str, str] = {}
@@ -62,10 +53,7 @@ class APERAdapter(Adapter):
             "imagenet_r": "exps/aper_adapter/imagenetr_5_5_vit-b_adapter.json",
             "cub200": "exps/aper_adapter/cub_10_10_vit-b_adapter.json"}
 
-    def check_ref(self, ref_dir: str) -> Optional[str]:
-        if not os.path.exists(os.path.join(ref_dir, "models", "aper_adapter.py")):
-            return f"--ref {ref_dir} has no models/aper_adapter.py; pass a checkout of {self.repo}"
-        return None
+    ref_file = "models/aper_adapter.py"
 
     def cases(self) -> List[Case]:
         out = [Case("paper", b, f, options={"json": f, "learner": "models.aper_adapter"}) for b, f in self.SPEC.items()]
@@ -76,23 +64,15 @@ class APERAdapter(Adapter):
         return out
 
     def ours(self, case: Case, vit: nn.Module, seed: int = 0) -> Side:
-        from benchmarks.tables.cost_table import resolve_method_config
-
-        cfg, _ = resolve_method_config(self.method, case.benchmark, case.preset, case.overrides)
-        side = FirstSessionSide(self.method, cfg, vit, seed)
+        side = FirstSessionSide(self.method, self.config(case), vit, seed)
         side.buffers = ["prototypes"]
         side.class_rows = ("prototypes",)
         return side
 
     def reference(self, case: Case, ref_dir: str, vit: nn.Module, ours: Side, seed: int = 0) -> Side:
-        with open(os.path.join(ref_dir, case.options["json"])) as f:
-            args: Dict[str, Any] = json.load(f)
-        args["device"] = ["cpu"]
-        cpu_shims()
-        import utils.data as D  # type: ignore
-
-        n_tasks = ours.cfg.benchmark.num_tasks  # type: ignore[attr-defined]
-        sizes = [args["init_cls"]] + [args["increment"]] * (n_tasks - 1)
+        args = self.json_args(ref_dir, case)
+        D = their_data()
+        sizes = self.task_sizes(args, ours)
         APERRefSide.learner_module = case.options["learner"]
         return APERRefSide(ref_dir, args, vit, ours, ours.num_classes, sizes,  # type: ignore[arg-type,attr-defined]
                            D.build_transform(True, None), D.build_transform(False, None))

@@ -2,7 +2,7 @@
 
 The reference side is their ``models/ease.Learner`` built from ``exps/ease_<dataset>_in21k.json``
 (the in21k configs the ``paper`` preset follows) and driven through its own ``incremental_train``
-with the one-batch data manager of :mod:`benchmarks.tools.parity_ranpac`:
+with the one-batch data manager of :mod:`benchmarks.tools.parity_pilot`:
 
 * model: ``utils/inc_net.EaseNet`` / ``backbone/vit_ease.py``; the pretrained ViT their builder
   loads is our random ViT, through their loading path (q/k/v split, renames, "train only the
@@ -30,24 +30,17 @@ re-draw (``boundary/redrawn`` compares its distribution).
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.tools.parity import (TASK, Adapter, BatchContext, Case, OurSide, Side, Step, batch_for, method_tensors,
-                               register_adapter)
-from benchmarks.tools.parity_ranpac import STEP_SEED, OneBatchData, cpu_shims, patched_create_model
+from benchmarks.tools.parity import TASK, BatchContext, Case, OurSide, Side, Step, batch_for, method_tensors, register_adapter
+from benchmarks.tools.parity_pilot import (STEP_SEED, PilotAdapter, PilotRefSide, StopAtTraining, patched_create_model,
+                                           their_data)
 
 END_BATCH_SEED = 99  # the batch of task 1 whose end-of-task prototypes are compared
-
-
-class _Stop(Exception):
-    """Raised by the stubbed ``_init_train`` of task 1: the boundary ends where training starts."""
 
 
 def adapter_tensor_names(task: int, depth: int) -> List[str]:
@@ -105,21 +98,12 @@ class EASEOurSide(OurSide):
         return Step(s.logits[:, t.class_start: t.class_end], s.losses, s.grads, s.after)
 
 
-class EASERefSide(Side):
+class EASERefSide(PilotRefSide):
     def __init__(self, ref_dir: str, args: Dict[str, Any], vit: nn.Module, ours: EASEOurSide,
                  num_classes: int, sizes: List[int], train_tf: List[Any], test_tf: List[Any]) -> None:
-        cpu_shims()
-        import importlib
-
-        from benchmarks.tools.refcompare import quiet
-
         self.ours, self.vit, self.args = ours, vit, args
         self.train_tf, self.test_tf = train_tf, test_tf
-        mod = importlib.import_module("models.ease")
-        self.data = OneBatchData(num_classes, sizes)
-        mod.DataLoader = self.data.loader
-        with patched_create_model(vit), quiet():
-            lrn = mod.Learner(args)
+        _, lrn = self.build_learner("models.ease", args, vit, num_classes, sizes)
         self.lrn = lrn
         self.recorded: Dict[str, Any] = {}
         net = lrn._network
@@ -135,7 +119,7 @@ class EASERefSide(Side):
                     net.proxy_fc.sigma.copy_(self.proxy0["sigma"])
                 return
             self.recorded.update(optimizer=optimizer, scheduler=scheduler)
-            raise _Stop
+            raise StopAtTraining  # the stubbed _init_train of task 1
 
         lrn._init_train = init_train
         self.depth = len(net.backbone.blocks)
@@ -143,7 +127,7 @@ class EASERefSide(Side):
         self.init = {n: v for n, v in self.tensors().items() if not n.startswith(f"adapters.{TASK}.")}
 
     # -- names ------------------------------------------------------------------------------
-    def named_params(self) -> Dict[str, nn.Parameter]:
+    def own(self) -> Dict[str, nn.Parameter]:
         net = self.lrn._network
         bb = net.backbone
         out: Dict[str, nn.Parameter] = {}
@@ -160,7 +144,7 @@ class EASERefSide(Side):
         return out
 
     def tensors(self) -> Dict[str, Tensor]:
-        own = self.named_params()
+        own = self.own()
         out = {n: p.detach().clone() for n, p in own.items()}
         for t in range(TASK + 1):
             for n in adapter_tensor_names(t, self.depth):
@@ -170,13 +154,6 @@ class EASERefSide(Side):
             if p.requires_grad and not (".cur_adapter." in n or n.startswith("proxy_fc.") or n.startswith("fc.")):
                 out[f"ref:{n}"] = p.detach().clone()
         return out
-
-    def set_tensors(self, values: Dict[str, Tensor]) -> None:
-        own = self.named_params()
-        with torch.no_grad():
-            for n, v in values.items():
-                if n in own and own[n].shape == v.shape:
-                    own[n].copy_(v)
 
     # -- the boundary -----------------------------------------------------------------------
     def start_task(self, t: int, prev: Optional[Tuple[Tensor, Tensor]] = None) -> None:
@@ -190,19 +167,19 @@ class EASERefSide(Side):
             self.lrn.after_task()
             try:
                 self.lrn.incremental_train(self.data)  # task 1, up to its training
-            except _Stop:
+            except StopAtTraining:
                 pass
 
     def boundary_state(self) -> Dict[str, Tensor]:
         net = self.lrn._network
         opt = self.recorded["optimizer"]
         in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
-        out = {f"trained:{n}": torch.tensor(float(id(p) in in_opt)) for n, p in self.named_params().items()}
+        out = {f"trained:{n}": torch.tensor(float(id(p) in in_opt)) for n, p in self.own().items()}
         out["buffer:prototypes"] = net.fc.weight.detach().clone().double()
         # the end of task 1 (see the module docstring), then undone; adapter 1 holds ours' values
         # meanwhile (the harness shares the tensors only after this)
         saved_fc = net.fc.weight.detach().clone()
-        own = self.named_params()
+        own = self.own()
         saved_ad = {n: p.detach().clone() for n, p in own.items() if n.startswith(f"adapters.{TASK}.")}
         ours = self.ours.tensors()
         x, y = batch_for(self.ours.num_classes, self.ours.cfg.benchmark.num_tasks, TASK, self.ours.batch,
@@ -241,38 +218,19 @@ class EASERefSide(Side):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        own = self.named_params()
-        grads = {n: p.grad.detach().clone() for n, p in own.items() if p.grad is not None}
-        return Step(logits.detach(), {"ce": loss.detach()}, grads, self.tensors())
+        return Step(logits.detach(), {"ce": loss.detach()}, self.grads(), self.tensors())
 
     def lrs(self, steps_per_epoch: int) -> Dict[str, Tensor]:
-        opt, sched = self.recorded["optimizer"], self.recorded["scheduler"]
-        names = {id(p): n for n, p in self.named_params().items()}
-        per: Dict[str, List[float]] = {}
         epochs = self.args["init_epochs"] if self.args["init_cls"] == self.args["increment"] else self.args["later_epochs"]
-        for _ in range(epochs):
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    if id(p) in names:
-                        per.setdefault(names[id(p)], []).append(g["lr"])
-            sched.step()  # once per epoch, after the epoch's iterations (_init_train)
-        return {n: torch.tensor(v, dtype=torch.float64) for n, v in per.items()}
+        return self.recorded_lrs(epochs)  # stepped once per epoch, as _init_train
 
     def steps_per_epoch(self, images: int) -> int:
         # their DataLoader(train_dataset, batch_size=args["batch_size"], shuffle=True): no drop_last
-        return len(torch.utils.data.DataLoader(range(images), batch_size=self.lrn.batch_size, shuffle=True))
-
-    def transform(self, image: np.ndarray, train: bool, seed: int) -> Tensor:
-        from PIL import Image
-        from torchvision import transforms
-
-        tf = transforms.Compose(self.train_tf if train else self.test_tf)
-        torch.manual_seed(seed)
-        return tf(Image.fromarray(image))
+        return self.loader_steps(images, self.lrn.batch_size)
 
 
 @register_adapter
-class EASEAdapter(Adapter):
+class EASEAdapter(PilotAdapter):
     method = "ease"
     repo = "sun-hailong/CVPR24-Ease"
     deviations: Dict[str, str] = {}
@@ -280,28 +238,17 @@ class EASEAdapter(Adapter):
     SPEC = {"cifar100": "exps/ease_cifar_in21k.json", "imagenet_r": "exps/ease_inr_in21k.json",
             "cub200": "exps/ease_cub_in21k.json"}
 
-    def check_ref(self, ref_dir: str) -> Optional[str]:
-        if not os.path.exists(os.path.join(ref_dir, "models", "ease.py")):
-            return f"--ref {ref_dir} has no models/ease.py; pass a checkout of {self.repo}"
-        return None
+    ref_file = "models/ease.py"
 
     def cases(self) -> List[Case]:
         return [Case("paper", b, f, options={"json": f}) for b, f in self.SPEC.items()]
 
     def ours(self, case: Case, vit: nn.Module, seed: int = 0) -> Side:
-        from benchmarks.tables.cost_table import resolve_method_config
-
-        cfg, _ = resolve_method_config(self.method, case.benchmark, case.preset, case.overrides)
-        return EASEOurSide(self.method, cfg, vit, seed)
+        return EASEOurSide(self.method, self.config(case), vit, seed)
 
     def reference(self, case: Case, ref_dir: str, vit: nn.Module, ours: Side, seed: int = 0) -> Side:
-        with open(os.path.join(ref_dir, case.options["json"])) as f:
-            args: Dict[str, Any] = json.load(f)
-        args["device"] = ["cpu"]
-        cpu_shims()
-        import utils.data as D  # type: ignore
-
-        n_tasks = ours.cfg.benchmark.num_tasks  # type: ignore[attr-defined]
-        sizes = [args["init_cls"]] + [args["increment"]] * (n_tasks - 1)
+        args = self.json_args(ref_dir, case)
+        D = their_data()
+        sizes = self.task_sizes(args, ours)
         return EASERefSide(ref_dir, args, vit, ours, ours.num_classes, sizes,  # type: ignore[arg-type,attr-defined]
                            D.build_transform(True, args), D.build_transform(False, args))

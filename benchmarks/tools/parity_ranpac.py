@@ -28,50 +28,15 @@ import copy
 import csv
 import math
 import os
-import sys
-import types
-import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.tools.parity import TASK, Adapter, Case, OurSide, Side, Step, method_tensors, register_adapter
-
-ORDER_SEED = 0  # BatchContext.generator: what our end_task shuffles its features with in parity
-STEP_SEED = 1234  # the RNG state both sides' training steps start from (adapter dropout)
-
-
-def cpu_shims() -> None:
-    """Their code moves tensors with ``.cuda()`` / ``.to(device='cuda')`` unconditionally; on a
-    CPU-only machine both stay on the CPU. Also timm 0.6's ``timm.models.layers.helpers`` and
-    ``easydict`` (a dict with attribute access), which their PETL modules import."""
-    import timm.layers.helpers as helpers
-
-    sys.modules.setdefault("timm.models.layers.helpers", helpers)
-    if "easydict" not in sys.modules:
-        class EasyDict(dict):
-            __getattr__ = dict.__getitem__
-
-        sys.modules["easydict"] = types.SimpleNamespace(EasyDict=EasyDict)  # type: ignore[assignment]
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    if torch.cuda.is_available() or getattr(torch.Tensor.to, "_cpu_shim", False):
-        return
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
-    nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
-    orig_to = torch.Tensor.to
-
-    def to(self, *a, **k):
-        if k.get("device") is not None and str(k["device"]).startswith("cuda"):
-            k["device"] = "cpu"
-        a = tuple("cpu" if isinstance(v, str) and v.startswith("cuda") else v for v in a)
-        return orig_to(self, *a, **k)
-
-    to._cpu_shim = True  # type: ignore[attr-defined]
-    torch.Tensor.to = to  # type: ignore[assignment]
+from benchmarks.tools.parity import (TASK, Case, OurSide, Side, Step, captured_forward, method_tensors, our_lrs,
+                                    register_adapter)
+from benchmarks.tools.parity_pilot import STEP_SEED, PilotAdapter, PilotRefSide, patched_create_model, their_data
 
 
 def csv_args(path: str, row_id: int) -> Dict[str, Any]:
@@ -97,83 +62,12 @@ def csv_args(path: str, row_id: int) -> Dict[str, Any]:
     raise KeyError(f"no row {row_id} in {path}")
 
 
-class patched_create_model:
-    """``timm.create_model`` returning our random ViT while their builders run (their adapter
-    builders load ``timm.create_model(name, pretrained=True)``'s state dict into their model)."""
-
-    def __init__(self, vit: nn.Module) -> None:
-        self.vit = vit
-
-    def __enter__(self) -> None:
-        import timm
-
-        self.orig = timm.create_model
-        timm.create_model = self.create  # type: ignore[assignment]
-
-    def create(self, name: str, pretrained: bool = False, **kw: Any) -> nn.Module:
-        if not name.endswith("_ssf"):
-            return copy.deepcopy(self.vit)  # their own copy (APER keeps it as the frozen branch)
-        # their SSF ViT (registered by petl/vision_transformer_ssf.py, timm names) with our weights
-        from benchmarks.tools.refcompare import load_vit_weights, timm06_shim
-
-        timm06_shim()
-        import importlib
-
-        import timm.models.helpers as helpers
-
-        try:  # RanPAC's petl/ or RevisitingCIL's convs/
-            S = importlib.import_module("petl.vision_transformer_ssf")
-        except ModuleNotFoundError:
-            S = importlib.import_module("convs.vision_transformer_ssf")
-
-        S.resolve_pretrained_cfg, S.build_model_with_cfg = helpers.resolve_pretrained_cfg, helpers.build_model_with_cfg
-        model = getattr(S, name)(pretrained=False, **kw)
-        load_vit_weights(model, self.vit)
-        return model
-
-    def __exit__(self, *exc: Any) -> None:
-        import timm
-
-        timm.create_model = self.orig  # type: ignore[assignment]
-
-
 def adapter_names(theirs: str) -> Optional[str]:
     """Their adapter parameter name (``blocks.i.adaptmlp.{down,up}_proj.*``) -> ours."""
     parts = theirs.split(".")
     if len(parts) == 5 and parts[0] == "blocks" and parts[2] == "adaptmlp":
         return f"peft.adapters.{parts[1]}.{parts[3][:-5]}.{parts[4]}"
     return None
-
-
-class OneBatchData:
-    """Stand-in for their ``DataManager``: every dataset is the one batch the harness gives, in
-    the order our ``end_task`` reads it (see the module docstring)."""
-
-    def __init__(self, total: int, sizes: List[int]) -> None:
-        self.total, self.sizes = total, sizes
-        self.batch: Optional[Tuple[Tensor, Tensor]] = None
-
-    def get_total_classnum(self) -> int:
-        return self.total
-
-    def get_task_size(self, t: int) -> int:
-        return self.sizes[t]
-
-    def get_dataset(self, *a: Any, **k: Any) -> "OneBatchData":
-        return self
-
-    @property
-    def labels(self) -> np.ndarray:
-        """``train_dataset.labels`` (APER's ``replace_fc`` takes its class list from it)."""
-        return self.batch[1].numpy() if self.batch is not None else np.zeros(0, dtype=np.int64)
-
-    def loader(self, *a: Any, **k: Any) -> List[Tuple[Tensor, Tensor, Tensor]]:
-        """Their ``DataLoader(...)``: one batch, rows in our order."""
-        if self.batch is None:
-            return []
-        x, y = self.batch
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(ORDER_SEED))
-        return [(perm, x[perm], y[perm])]
 
 
 # --- our side, with the step and the schedule of the first session -------------------------
@@ -231,15 +125,7 @@ class FirstSessionSide(OurSide):
         t0 = self.tasks[0]
         y0 = y - self.tasks[TASK].class_start + t0.class_start
         self.method.begin_task(t0)  # phase 1's trainable set
-        step = TrainStep(self.method, t0, x, y0, self.cfg.train)
-        seen: List[Any] = []
-        hook = self.method.register_forward_hook(lambda mod, args, out: seen.append(out))
-        torch.manual_seed(STEP_SEED)
-        try:
-            step()
-        finally:
-            hook.remove()
-        out = seen[-1]
+        out = captured_forward(self.method, TrainStep(self.method, t0, x, y0, self.cfg.train), STEP_SEED)
         logits = out.logits[:, t0.class_start: t0.class_end]
         losses = {"ce": F.cross_entropy(logits.float(), y0 - t0.class_start).detach()}
         if out.aux_loss is not None:
@@ -251,24 +137,12 @@ class FirstSessionSide(OurSide):
         return self.method.phases(self.tasks[0])[-1]
 
     def lrs(self, steps_per_epoch: int) -> Dict[str, Tensor]:
-        from benchmarks.run.protocol import build_optimizer, build_scheduler, phase_config
+        from benchmarks.run.protocol import phase_config
 
         self.method.begin_task(self.tasks[0])
         phase = self._phase()
-        tcfg = phase_config(self.cfg.train, phase)
         groups = phase.param_groups if phase.param_groups is not None else self.method.param_groups()
-        opt = build_optimizer(groups, tcfg)
-        sched = build_scheduler(opt, tcfg, steps_per_epoch)
-        per: Dict[int, List[float]] = {}
-        for _ in range(tcfg.epochs):
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    per.setdefault(id(p), []).append(g["lr"])
-            for _ in range(steps_per_epoch):
-                opt.step()
-                sched.step()
-        return {n: torch.tensor(per[id(p)], dtype=torch.float64)
-                for n, p in method_tensors(self.method).items() if id(p) in per}
+        return our_lrs(groups, phase_config(self.cfg.train, phase), steps_per_epoch, method_tensors(self.method))
 
     def steps_per_epoch(self, images: int) -> int:
         from benchmarks.run.protocol import phase_config
@@ -280,27 +154,17 @@ class FirstSessionSide(OurSide):
 
 # --- the reference side ----------------------------------------------------------------------
 
-class FirstSessionRefSide(Side):
+class FirstSessionRefSide(PilotRefSide):
     """A RevisitingCIL-style learner (RanPAC's ``RanPAC.Learner``, APER's ``models/*.Learner``)
-    driven through ``incremental_train`` as described in the module docstring. Subclasses map
-    names (``to_ours``) and report ``boundary_state``."""
+    driven through ``incremental_train`` as described in the module docstring (``to_ours`` maps
+    their head, adapter and SSF names to ours). Subclasses report ``boundary_state``."""
 
     learner_module = ""
 
     def __init__(self, ref_dir: str, args: Dict[str, Any], vit: nn.Module, ours: FirstSessionSide,
                  num_classes: int, sizes: List[int], train_tf: List[Any], test_tf: List[Any]) -> None:
-        cpu_shims()
-        import importlib
-
         self.ours, self.train_tf, self.test_tf, self.vit = ours, train_tf, test_tf, vit
-        mod = importlib.import_module(self.learner_module)
-        self.mod = mod
-        self.data = OneBatchData(num_classes, sizes)
-        mod.DataLoader = self.data.loader  # their loaders: the one batch, in our order
-        from benchmarks.tools.refcompare import quiet
-
-        with patched_create_model(vit), quiet():
-            lrn = mod.Learner(args)
+        self.mod, lrn = self.build_learner(self.learner_module, args, vit, num_classes, sizes)
         lrn.is_dil, lrn.dil_init = False, False
         self.lrn, self.args = lrn, args
         self.recorded: Dict[str, Any] = {}
@@ -329,14 +193,20 @@ class FirstSessionRefSide(Side):
 
     # names
     def to_ours(self, name: str) -> Optional[str]:
-        raise NotImplementedError
+        """Their parameter name -> ours: the first-session head, the adapter or SSF tensors."""
+        if name in ("fc.weight", "fc.sigma"):
+            return "fs_head." + name[3:]
+        if name.startswith("convnet."):
+            n = name[len("convnet."):]
+            return ssf_name(n) if "ssf_" in n else adapter_names(n)
+        return None
 
     def convnet(self) -> nn.Module:
         """The tuned backbone (phase 1's network's ``convnet``; APER's dual-branch network keeps it
         as ``convnets[1]``, the same module)."""
         return self.recorded.get("net", self.lrn._network).convnet
 
-    def params_by_ours(self) -> Dict[str, nn.Parameter]:
+    def own(self) -> Dict[str, nn.Parameter]:
         """The mapped trainable tensors: the PEFT module's and the first-session head's."""
         out = {}
         for n, p in self.convnet().named_parameters():
@@ -348,19 +218,12 @@ class FirstSessionRefSide(Side):
         return out
 
     def tensors(self) -> Dict[str, Tensor]:
-        out = {n: p.detach().clone() for n, p in self.params_by_ours().items()}
+        out = {n: p.detach().clone() for n, p in self.own().items()}
         flags = self.recorded.get("flags", {})
         for n, p in self.convnet().named_parameters():  # trained in phase 1 but unmapped: shown
             if flags.get(id(p)) and self.to_ours("convnet." + n) is None:
                 out[f"ref:convnet.{n}"] = p.detach().clone()
         return out
-
-    def set_tensors(self, values: Dict[str, Tensor]) -> None:
-        own = self.params_by_ours()
-        with torch.no_grad():
-            for n, v in values.items():
-                if n in own and own[n].shape == v.shape:
-                    own[n].copy_(v)
 
     def start_task(self, t: int, prev: Optional[Tuple[Tensor, Tensor]] = None) -> None:
         if t == 0:
@@ -376,10 +239,6 @@ class FirstSessionRefSide(Side):
 
     def before_replace_fc(self) -> None:
         """Hook: what to change between their task-0 training and ``replace_fc``."""
-
-    def eval_logits(self, x: Tensor) -> Tensor:
-        self.lrn._network.eval()
-        return self.lrn._network(x)["logits"]
 
     def train_step(self, x: Tensor, y: Tensor) -> Step:
         rec = self.recorded
@@ -401,53 +260,22 @@ class FirstSessionRefSide(Side):
         loss.backward()
         opt.step()
         hook.remove()
-        named = self.params_by_ours()
-        grads = {n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None}
+        grads = self.grads()
         after = self.tensors()
         net.fc = saved_fc
         return Step(logits.detach(), {"ce": loss.detach()}, grads, after)
 
     def lrs(self, steps_per_epoch: int) -> Dict[str, Tensor]:
-        opt, sched = self.recorded["optimizer"], self.recorded["scheduler"]
-        names = {id(p): n for n, p in self.params_by_ours().items()}
-        per: Dict[str, List[float]] = {}
-        for _ in range(self.args["tuned_epoch"]):
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    if id(p) in names:
-                        per.setdefault(names[id(p)], []).append(g["lr"])
-            sched.step()  # once per epoch, after the epoch's iterations (_init_train)
-        return {n: torch.tensor(v, dtype=torch.float64) for n, v in per.items()}
+        return self.recorded_lrs(self.args["tuned_epoch"])  # stepped per epoch, as _init_train
 
     def steps_per_epoch(self, images: int) -> int:
         # their training DataLoader: batch_size=args["batch_size"], shuffle=True, no drop_last
-        bs = getattr(self.lrn, "_batch_size", None) or self.lrn.batch_size
-        return len(torch.utils.data.DataLoader(range(images), batch_size=bs, shuffle=True))
-
-    def transform(self, image: np.ndarray, train: bool, seed: int) -> Tensor:
-        from PIL import Image
-        from torchvision import transforms
-
-        tf = transforms.Compose(self.train_tf if train else self.test_tf)
-        torch.manual_seed(seed)
-        return tf(Image.fromarray(image))
+        return self.loader_steps(images, getattr(self.lrn, "_batch_size", None) or self.lrn.batch_size)
 
 
 class RanPACRefSide(FirstSessionRefSide):
     learner_module = "RanPAC"
     drawn: Optional[Tensor] = None  # their W_rand (before setup_RP: zeros, as our buffer)
-
-    def to_ours(self, name: str) -> Optional[str]:
-        if name in ("fc.weight", "fc.sigma"):
-            return "fs_head." + name[3:]
-        if name.startswith("convnet."):
-            n = name[len("convnet."):]
-            a = adapter_names(n)
-            if a:
-                return a
-            if "ssf_" in n:
-                return ssf_name(n)
-        return None
 
     def __init__(self, *a: Any, **k: Any) -> None:
         super().__init__(*a, **k)
@@ -480,7 +308,7 @@ class RanPACRefSide(FirstSessionRefSide):
 
     def boundary_state(self) -> Dict[str, Tensor]:
         lrn = self.lrn
-        out = {f"trained:{n}": torch.tensor(0.0) for n in self.params_by_ours()}  # no optimiser after task 0
+        out = {f"trained:{n}": torch.tensor(0.0) for n in self.own()}  # no optimiser after task 0
         out["buffer:G"] = lrn.G.double()
         out["buffer:Q"] = lrn.Q.double()
         out["buffer:Wo"] = lrn._network.fc.weight.detach().double()
@@ -509,7 +337,7 @@ def ssf_name(n: str) -> Optional[str]:
 
 
 @register_adapter
-class RanPACAdapter(Adapter):
+class RanPACAdapter(PilotAdapter):
     method = "ranpac"
     repo = "RanPAC/RanPAC"
     # W_rand comes from another generator on each side: boundary/redrawn compares its distribution
@@ -520,10 +348,7 @@ class RanPACAdapter(Adapter):
             "imagenet_r": ("args/imagenetr_publish.csv", 7, False),
             "cub200": ("args/cub_publish.csv", 7, False)}
 
-    def check_ref(self, ref_dir: str) -> Optional[str]:
-        if not os.path.exists(os.path.join(ref_dir, "RanPAC.py")):
-            return f"--ref {ref_dir} has no RanPAC.py; pass a checkout of {self.repo}"
-        return None
+    ref_file = "RanPAC.py"
 
     def cases(self) -> List[Case]:
         # M = 2000 instead of 10000: 35 solves of an M x M system per side on one CPU thread;
@@ -533,10 +358,7 @@ class RanPACAdapter(Adapter):
                 for b, (csv_file, row, cifar) in self.SPEC.items()]
 
     def ours(self, case: Case, vit: nn.Module, seed: int = 0) -> Side:
-        from benchmarks.tables.cost_table import resolve_method_config
-
-        cfg, _ = resolve_method_config(self.method, case.benchmark, case.preset, case.overrides)
-        side = FirstSessionSide(self.method, cfg, vit, seed)
+        side = FirstSessionSide(self.method, self.config(case), vit, seed)
         side.extra_tensors = ["w_rand"]
         side.buffers = ["G", "Q", "Wo"]
         side.class_rows = ("Wo",)
@@ -546,9 +368,7 @@ class RanPACAdapter(Adapter):
         o = case.options
         args = csv_args(os.path.join(ref_dir, o["csv"]), o["row"])
         args["M"] = ours.cfg.method.M  # type: ignore[attr-defined]
-        cpu_shims()
-        import utils.data as D  # type: ignore
-
+        D = their_data()
         n_tasks = ours.cfg.benchmark.num_tasks  # type: ignore[attr-defined]
         sizes = [ours.num_classes // n_tasks] * n_tasks  # type: ignore[attr-defined]
         return RanPACRefSide(ref_dir, args, vit, ours, ours.num_classes, sizes,  # type: ignore[arg-type,attr-defined]

@@ -33,8 +33,6 @@ and driven through its own ``incremental_train`` with a stand-in data manager:
 from __future__ import annotations
 
 import copy
-import json
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -42,16 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.tools.parity import TASK, Adapter, BatchContext, Case, OurSide, Side, Step, register_adapter
-from benchmarks.tools.parity_ranpac import cpu_shims
+from benchmarks.tools.parity import (TASK, BatchContext, Case, OurSide, Side, Step, captured_forward, our_lrs,
+                                    register_adapter)
+from benchmarks.tools.parity_pilot import OwnTensors, PilotAdapter, PilotRefSide, StopAtTraining, cpu_shims, their_data
 
 SELECTED = ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
             "blocks.11.mlp.fc2.weight", "blocks.11.norm2.weight", "norm.weight", "norm.bias"]
 STATS_PER_CLASS = 2  # images per class of the statistics batch (a covariance needs two)
-
-
-class _Stop(Exception):
-    pass
 
 
 def stats_batch(task_classes: range, size: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
@@ -61,7 +56,7 @@ def stats_batch(task_classes: range, size: int, seed: int = 0) -> Tuple[Tensor, 
     return torch.rand(len(y), 3, size, size, generator=g), y
 
 
-class SLCAOurSide(OurSide):
+class SLCAOurSide(OwnTensors, OurSide):
     def __init__(self, *a: Any, **k: Any) -> None:
         super().__init__(*a, **k)
         self.method.begin_task(self.tasks[0])
@@ -82,13 +77,6 @@ class SLCAOurSide(OurSide):
             out["heads.1.weight"] = torch.zeros(self.tasks[1].class_end - self.tasks[1].class_start, self.method.backbone.embed_dim)
             out["heads.1.bias"] = torch.zeros(self.tasks[1].class_end - self.tasks[1].class_start)
         return out
-
-    def set_tensors(self, values: Dict[str, Tensor]) -> None:
-        own = self.own()
-        with torch.no_grad():
-            for n, v in values.items():
-                if n in own and own[n].shape == v.shape:
-                    own[n].copy_(v)
 
     def start_task(self, t: int, prev: Optional[Tuple[Tensor, Tensor]] = None) -> None:
         if t > 0:
@@ -141,35 +129,17 @@ class SLCAOurSide(OurSide):
         from benchmarks.run.speed import TrainStep
 
         step = TrainStep(self.method, self.tasks[TASK], x, y, self.cfg.train)
-        seen: List[Any] = []
-        hook = self.method.register_forward_hook(lambda mod, args, out: seen.append(out))
-        try:
-            step()
-        finally:
-            hook.remove()
-        out = seen[-1]
+        out = captured_forward(self.method, step)
         t = self.tasks[TASK]
         logits = out.logits.masked_fill(~step.mask, float("-inf"))
         losses = {"ce": F.cross_entropy(logits.float(), y).detach()}
-        grads = {n: p.grad.detach().clone() for n, p in self.own().items() if p.grad is not None}
-        return Step(out.logits[:, : t.class_end].detach(), losses, grads, self.tensors())
+        return Step(out.logits[:, : t.class_end].detach(), losses, self.grads(), self.tensors())
 
     def lrs(self, steps_per_epoch: int) -> Dict[str, Tensor]:
-        from benchmarks.run.protocol import build_optimizer, build_scheduler, phase_config
+        from benchmarks.run.protocol import phase_config
 
-        phase = self.method.phases(self.tasks[TASK])[-1]
-        tcfg = phase_config(self.cfg.train, phase)
-        opt = build_optimizer(self.groups(), tcfg)
-        sched = build_scheduler(opt, tcfg, steps_per_epoch)
-        per: Dict[int, List[float]] = {}
-        for _ in range(tcfg.epochs):
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    per.setdefault(id(p), []).append(g["lr"])
-            for _ in range(steps_per_epoch):
-                opt.step()
-                sched.step()
-        return {n: torch.tensor(per[id(p)], dtype=torch.float64) for n, p in self.own().items() if id(p) in per}
+        tcfg = phase_config(self.cfg.train, self.method.phases(self.tasks[TASK])[-1])
+        return our_lrs(self.groups(), tcfg, steps_per_epoch, self.own())
 
 
 class Rows:
@@ -204,7 +174,7 @@ class StandInData:
         return (ds.x, ds.labels, ds) if ret_data else ds
 
 
-class SLCARefSide(Side):
+class SLCARefSide(PilotRefSide):
     def __init__(self, ref_dir: str, args: Dict[str, Any], vit: nn.Module, ours: SLCAOurSide, sizes: List[int],
                  train_tf: List[Any], test_tf: List[Any]) -> None:
         cpu_shims()
@@ -247,7 +217,7 @@ class SLCARefSide(Side):
                     lrn._network.fc.heads[0][0].bias.copy_(self.head0["bias"])
                 return
             self.recorded.update(optimizer=optimizer, scheduler=scheduler)
-            raise _Stop
+            raise StopAtTraining
 
         lrn._run = run
         net = lrn._network
@@ -273,13 +243,6 @@ class SLCARefSide(Side):
             out["heads.1.bias"] = torch.zeros(self.sizes[1])
         return out
 
-    def set_tensors(self, values: Dict[str, Tensor]) -> None:
-        own = self.own()
-        with torch.no_grad():
-            for n, v in values.items():
-                if n in own and own[n].shape == v.shape:
-                    own[n].copy_(v)
-
     def start_task(self, t: int, prev: Optional[Tuple[Tensor, Tensor]] = None) -> None:
         if t == 0:
             return
@@ -293,7 +256,7 @@ class SLCARefSide(Side):
             self.lrn.after_task()
             try:
                 self.lrn.incremental_train(self.data)
-            except _Stop:
+            except StopAtTraining:
                 pass
 
     def boundary_state(self) -> Dict[str, Tensor]:
@@ -356,11 +319,6 @@ class SLCARefSide(Side):
         lrn._class_means, lrn._class_covs = means, covs
         return out
 
-    def eval_logits(self, x: Tensor) -> Tensor:
-        net = self.lrn._network
-        net.eval()
-        return net(x)["logits"]
-
     def train_step(self, x: Tensor, y: Tensor) -> Step:
         lrn, net = self.lrn, self.lrn._network
         opt = self.recorded["optimizer"]
@@ -371,40 +329,22 @@ class SLCARefSide(Side):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        grads = {n: p.grad.detach().clone() for n, p in self.own().items() if p.grad is not None}
-        return Step(logits.detach(), {"ce": loss.detach()}, grads, self.tensors())
+        return Step(logits.detach(), {"ce": loss.detach()}, self.grads(), self.tensors())
 
     def lrs(self, steps_per_epoch: int) -> Dict[str, Tensor]:
         import models.slca as S  # type: ignore
 
-        opt, sched = self.recorded["optimizer"], self.recorded["scheduler"]
-        names = {id(p): n for n, p in self.own().items()}
-        per: Dict[str, List[float]] = {}
-        for _ in range(S.epochs):  # their _run: epochs 1..E, scheduler stepped after each
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    if id(p) in names:
-                        per.setdefault(names[id(p)], []).append(g["lr"])
-            sched.step()
-        return {n: torch.tensor(v, dtype=torch.float64) for n, v in per.items()}
+        return self.recorded_lrs(S.epochs)  # their _run: epochs 1..E, scheduler stepped after each
 
     def steps_per_epoch(self, images: int) -> int:
         import models.slca as S  # type: ignore
 
         # DataLoader(train_dset, batch_size=batch_size (128), shuffle=True): no drop_last
-        return len(torch.utils.data.DataLoader(range(images), batch_size=S.batch_size, shuffle=True))
-
-    def transform(self, image: np.ndarray, train: bool, seed: int) -> Tensor:
-        from PIL import Image
-        from torchvision import transforms
-
-        tf = transforms.Compose(self.train_tf if train else self.test_tf)
-        torch.manual_seed(seed)
-        return tf(Image.fromarray(image))
+        return self.loader_steps(images, S.batch_size)
 
 
 @register_adapter
-class SLCAAdapter(Adapter):
+class SLCAAdapter(PilotAdapter):
     method = "slca"
     repo = "GengDavid/SLCA"
     deviations: Dict[str, str] = {}
@@ -413,31 +353,21 @@ class SLCAAdapter(Adapter):
             "imagenet_r": ("exps/slca/slca_imgnetr.json", "iImageNetR"),
             "cub200": ("exps/slca/slca_cub.json", "iCUB200_224")}
 
-    def check_ref(self, ref_dir: str) -> Optional[str]:
-        if not os.path.exists(os.path.join(ref_dir, "models", "slca.py")):
-            return f"--ref {ref_dir} has no models/slca.py; pass a checkout of {self.repo}"
-        return None
+    ref_file = "models/slca.py"
 
     def cases(self) -> List[Case]:
         return [Case("paper", b, f, options={"json": f, "data": d}) for b, (f, d) in self.SPEC.items()]
 
     def ours(self, case: Case, vit: nn.Module, seed: int = 0) -> Side:
-        from benchmarks.tables.cost_table import resolve_method_config
-
-        cfg, _ = resolve_method_config(self.method, case.benchmark, case.preset, case.overrides)
+        cfg = self.config(case)
         # our SLCA trains the backbone and replaces its final norm: on a copy, so that the
         # reference (which loads the shared ViT) and later cases start from the same weights
         return SLCAOurSide(self.method, cfg, copy.deepcopy(vit), seed)
 
     def reference(self, case: Case, ref_dir: str, vit: nn.Module, ours: Side, seed: int = 0) -> Side:
-        with open(os.path.join(ref_dir, case.options["json"])) as f:
-            args: Dict[str, Any] = json.load(f)
-        args.update(device=["cpu"], seed=args["seed"][0], run_id=0)
-        cpu_shims()
-        import utils.data as D  # type: ignore
-
-        d = getattr(D, case.options["data"])
-        n_tasks = ours.cfg.benchmark.num_tasks  # type: ignore[attr-defined]
-        sizes = [args["init_cls"]] + [args["increment"]] * (n_tasks - 1)
+        args = self.json_args(ref_dir, case)
+        args.update(seed=args["seed"][0], run_id=0)
+        d = getattr(their_data(), case.options["data"])
+        sizes = self.task_sizes(args, ours)
         return SLCARefSide(ref_dir, args, vit, ours, sizes,  # type: ignore[arg-type]
                            [*d.train_trsf, *d.common_trsf], [*d.test_trsf, *d.common_trsf])
