@@ -83,3 +83,44 @@ def tiny_run(tmp_path) -> Callable[..., Dict[str, Any]]:
         return run_prepared(prepare(cfg), out or tmp_path / "runs", log_to_stdout=False, **kwargs)
 
     return run
+
+
+def run_stopped_at_task_3(monkeypatch, argv) -> int:
+    """``bench.py`` with ``argv`` (a linear_probe run), stopped by Ctrl-C at the start of task 3:
+    the checkpoint after task 2 is written, no result. Returns the exit status (130)."""
+    import bench
+    from baselines.linear_probe import LinearProbe
+
+    begin = LinearProbe.begin_task
+
+    def stop_at_task_3(self, task):
+        if task.index == 2:
+            raise KeyboardInterrupt
+        begin(self, task)
+
+    with monkeypatch.context() as m:
+        m.setattr(LinearProbe, "begin_task", stop_at_task_3)
+        return bench.main(argv)
+
+
+def write_cub_layout(root: Path, jpeg: Callable[[int, int], bytes]) -> Path:
+    """The official CUB-200-2011 layout under ``root``: 200 classes x 3 images (k = 0, 1 train,
+    k = 2 test); ``jpeg(i, c)`` gives the bytes of image number ``i`` (1-based) of class ``c``."""
+    folder = root / "CUB_200_2011"
+    images, labels, split, classes = [], [], [], []
+    i = 0
+    for c in range(1, 201):
+        name = f"{c:03d}.Bird_{c}"
+        classes.append(f"{c} {name}")
+        (folder / "images" / name).mkdir(parents=True)
+        for k in range(3):
+            i += 1
+            rel = f"{name}/Bird_{c}_{k:04d}.jpg"
+            (folder / "images" / rel).write_bytes(jpeg(i, c))
+            images.append(f"{i} {rel}")
+            labels.append(f"{i} {c}")
+            split.append(f"{i} {0 if k == 2 else 1}")
+    for fname, lines in (("images.txt", images), ("image_class_labels.txt", labels),
+                         ("train_test_split.txt", split), ("classes.txt", classes)):
+        (folder / fname).write_text("\n".join(lines) + "\n")
+    return root

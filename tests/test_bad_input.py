@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import bench
+from conftest import run_stopped_at_task_3
 from methods.registry import get_method_class, list_methods
 
 TINY_SET = ["benchmark.num_tasks=3", "benchmark.num_classes=6", "benchmark.train_per_class=12",
@@ -82,20 +83,9 @@ def test_wrong_type_of_a_method_setting(tmp_path, capsys):
 @pytest.fixture
 def unfinished(tmp_path, monkeypatch, capsys):
     """A linear_probe run stopped (Ctrl-C) at the start of task 3: checkpoint after task 2, no result."""
-    from baselines.linear_probe import LinearProbe
-
-    begin = LinearProbe.begin_task
-
-    def stop_at_task_3(self, task):
-        if task.index == 2:
-            raise KeyboardInterrupt
-        begin(self, task)
-
     out = tmp_path / "runs"
-    with monkeypatch.context() as m:
-        m.setattr(LinearProbe, "begin_task", stop_at_task_3)
-        assert bench.main(["run", "-b", "synthetic", "-m", "linear_probe", "--out", str(out), "--device", "cpu",
-                           "--quiet", "--set", *TINY_SET]) == 130
+    assert run_stopped_at_task_3(monkeypatch, ["run", "-b", "synthetic", "-m", "linear_probe", "--out", str(out),
+                                               "--device", "cpu", "--quiet", "--set", *TINY_SET]) == 130
     capsys.readouterr()
     d = out / "synthetic-3t" / "linear_probe" / "seed0"
     assert (d / "checkpoint.pt").exists() and not (d / "result.json").exists()

@@ -20,6 +20,7 @@ import yaml
 from benchmarks.config import BenchmarkConfig, ConfigError
 from benchmarks.data.datasets import DataError, build_transform, load_dataset, resolve_transform_names
 from benchmarks.data.scenarios import build_scenario
+from conftest import write_cub_layout
 
 
 @pytest.fixture(autouse=True)
@@ -250,25 +251,7 @@ def test_imagenet_r_incomplete_folder(tmp_path, imr_root):
 
 @pytest.fixture(scope="module")
 def cub_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cub")
-    folder = root / "CUB_200_2011"
-    images, labels, split, classes = [], [], [], []
-    i = 0
-    for c in range(1, 201):
-        name = f"{c:03d}.Bird_{c}"
-        classes.append(f"{c} {name}")
-        (folder / "images" / name).mkdir(parents=True)
-        for k in range(3):
-            i += 1
-            rel = f"{name}/Bird_{c}_{k:04d}.jpg"
-            (folder / "images" / rel).write_bytes(_jpeg(c))
-            images.append(f"{i} {rel}")
-            labels.append(f"{i} {c}")
-            split.append(f"{i} {0 if k == 2 else 1}")
-    for fname, lines in (("images.txt", images), ("image_class_labels.txt", labels),
-                         ("train_test_split.txt", split), ("classes.txt", classes)):
-        (folder / fname).write_text("\n".join(lines) + "\n")
-    return root
+    return write_cub_layout(tmp_path_factory.mktemp("cub"), lambda i, c: _jpeg(c))
 
 
 def test_cub200_official_split_and_labels(cub_root):

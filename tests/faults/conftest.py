@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 import bench
+from conftest import run_stopped_at_task_3
 from tests.faults.helpers import DiskQuota, run_args, run_dir
 
 
@@ -15,19 +16,8 @@ def disk_quota(monkeypatch):
 @pytest.fixture
 def unfinished(tmp_path, monkeypatch, capsys):
     """A linear_probe run stopped (Ctrl-C) at the start of task 3: checkpoint after task 2, no result."""
-    from baselines.linear_probe import LinearProbe
-
-    begin = LinearProbe.begin_task
-
-    def stop_at_task_3(self, task):
-        if task.index == 2:
-            raise KeyboardInterrupt
-        begin(self, task)
-
     out = tmp_path / "runs"
-    with monkeypatch.context() as m:
-        m.setattr(LinearProbe, "begin_task", stop_at_task_3)
-        assert bench.main(run_args(out)) == 130
+    assert run_stopped_at_task_3(monkeypatch, run_args(out)) == 130
     capsys.readouterr()
     d = run_dir(out)
     assert (d / "checkpoint.pt").exists() and not (d / "result.json").exists()

@@ -13,6 +13,7 @@ import torch
 
 import benchmarks.data.datasets as D
 from tests.faults.helpers import cli, one_sentence, snapshot
+from conftest import write_cub_layout
 
 CUB_SET = ["backbone.pretrained=none", "benchmark.num_tasks=4", "benchmark.class_order=natural", "train.epochs=1",
            "train.batch_size=16", "train.eval_batch_size=64"]
@@ -23,27 +24,11 @@ def cub_template(tmp_path_factory) -> Path:
     """A CUB-200 layout: 200 classes x 3 tiny JPEGs (2 train, 1 test)."""
     from torchvision.io import encode_jpeg
 
-    root = tmp_path_factory.mktemp("cub")
-    folder = root / "CUB_200_2011"
-    images, labels, split, classes = [], [], [], []
-    i = 0
-    for c in range(1, 201):
-        name = f"{c:03d}.Bird_{c}"
-        classes.append(f"{c} {name}")
-        (folder / "images" / name).mkdir(parents=True)
-        for k in range(3):
-            i += 1
-            rel = f"{name}/Bird_{c}_{k:04d}.jpg"
-            img = torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
-            (folder / "images" / rel).write_bytes(bytes(encode_jpeg(img, quality=95).numpy()))
-            images.append(f"{i} {rel}")
-            labels.append(f"{i} {c}")
-            split.append(f"{i} {0 if k == 2 else 1}")
-    for fname, lines in (("images.txt", images), ("image_class_labels.txt", labels),
-                         ("train_test_split.txt", split), ("classes.txt", classes)):
-        (folder / fname).write_text("\n".join(lines) + "\n")
-    return root
+    def jpeg(i: int, c: int) -> bytes:
+        img = torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        return bytes(encode_jpeg(img, quality=95).numpy())
 
+    return write_cub_layout(tmp_path_factory.mktemp("cub"), jpeg)
 
 @pytest.fixture
 def cub(cub_template, tmp_path) -> Path:
