@@ -17,7 +17,6 @@ on a PIL image.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.tools.parity import Adapter, Case, Side, Step, register_adapter
-from benchmarks.tools.refcompare import JHLEE_MODEL_KWARGS, quiet, timm06_shim
+from benchmarks.tools.refcompare import JHLEE_MODEL_KWARGS, jhlee_args, quiet, timm06_shim
 
 
 def cpu_shims() -> None:
@@ -74,13 +73,8 @@ class JHLeeSide(Side):
         cpu_shims()
         timm06_shim()
         self.names = {k: v if isinstance(v, tuple) else (v, None, None) for k, v in names.items()}
-        cfgmod = importlib.import_module(f"configs.{config}")
-        parser = argparse.ArgumentParser()
-        sub = parser.add_subparsers(dest="subparser_name")
-        cfgmod.get_args_parser(sub.add_parser(config))
-        args = parser.parse_args([config, *extra])
-        args.device, args.distributed, args.nb_classes, args.pretrained = "cpu", False, num_classes, False
-        args.num_tasks, args.print_freq, args.output_dir = num_tasks, 10 ** 9, ""
+        args = jhlee_args(config, extra)  # their main.py's parser, set for one CPU process
+        args.nb_classes, args.num_tasks, args.output_dir = num_classes, num_tasks, ""
         # main.py: lr scaled by the (per-device, unscale_lr) batch size
         args.lr = args.lr * args.batch_size / 256.0
         self.args = args
